@@ -1,0 +1,27 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: test demo setup clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when pyproject.toml or this Makefile changes.
+$(VENV)/.installed-test: pyproject.toml Makefile | $(PY)
+	$(PIP) install -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed-test
+
+test: setup
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
+
+demo: setup
+	@echo "make demo: not available yet (lands with the end-to-end transform and the shipped ViT checkpoint)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
