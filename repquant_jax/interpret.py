@@ -33,6 +33,7 @@ def evaluate(
     params: Any,
     inputs: Sequence[Any],
     hooks: Mapping[int, Hook] | None = None,
+    rewrites: Mapping[int, Hook] | None = None,
 ) -> Any:
     """Evaluates the graph on one call's inputs.
 
@@ -41,13 +42,15 @@ def evaluate(
       params: the parameter pytree (same structure as traced).
       inputs: the positional inputs (same structure as traced).
       hooks: value id -> hook; see the module docstring.
+      rewrites: value id -> hook replacing the value for *every* consumer (used for the
+        output offsets of a fold into a matmul without a bias).
 
     Returns:
       The output pytree, as ``apply_fn`` returns it.
     """
     param_leaves = jax.tree_util.tree_leaves(params)
     input_leaves = jax.tree_util.tree_leaves(tuple(inputs))
-    (out,) = evaluate_batches(graph, param_leaves, [input_leaves], hooks)
+    (out,) = evaluate_batches(graph, param_leaves, [input_leaves], hooks, rewrites)
     return out
 
 
@@ -56,6 +59,8 @@ def evaluate_batches(
     param_leaves: Sequence[Any],
     batches: Sequence[Sequence[Any]],
     hooks: Mapping[int, Hook] | None = None,
+    rewrites: Mapping[int, Hook] | None = None,
+    matmul_hooks: Mapping[int, Callable[[list[list[Any]]], list[list[Any]]]] | None = None,
 ) -> list[Any]:
     """Evaluates the graph on several batches at once, node by node.
 
@@ -65,11 +70,16 @@ def evaluate_batches(
       batches: for each batch, its flattened input leaves.
       hooks: value id -> hook, called once per hooked value with the list of that
         value over all batches (a single element for input-independent values).
+      rewrites: value id -> hook whose result replaces the value for every consumer.
+      matmul_hooks: node index -> hook called with the operands of that matmul, as it
+        reads them (one list of operands per batch), returning the operands to use.
 
     Returns:
       One output pytree per batch.
     """
     hooks = dict(hooks or {})
+    rewrites = dict(rewrites or {})
+    matmul_hooks = dict(matmul_hooks or {})
     if len(param_leaves) != len(graph.param_ids):
         raise ValueError(
             f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}"
@@ -84,6 +94,8 @@ def evaluate_batches(
     shadow_batch: dict[int, list[Any]] = {}
 
     def define(vid: int, values: list[Any], is_shared: bool) -> None:
+        if vid in rewrites:
+            values = rewrites[vid](values)
         if is_shared:
             shared[vid] = values[0]
         else:
@@ -113,7 +125,10 @@ def evaluate_batches(
                     return shadow_batch[vid][b]
             return shared[vid] if vid in shared else per_batch[vid][b]
 
-        results = [node.fn(*(read(v, b, is_matmul) for v in node.inputs)) for b in range(n_runs)]
+        args = [[read(v, b, is_matmul) for v in node.inputs] for b in range(n_runs)]
+        if index in matmul_hooks:
+            args = matmul_hooks[index](args)
+        results = [node.fn(*a) for a in args]
         # Layout ops carry a shadow forward so that matmuls downstream read the hooked value.
         shadowed = node.primitive in LAYOUT_PRIMITIVES and any(
             v in shadow_shared or v in shadow_batch for v in node.inputs

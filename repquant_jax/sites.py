@@ -61,6 +61,7 @@ class WeightSite:
       contracting: axes of the weight value that are reduced (the rest are output
         channels, each quantized with its own scale).
       input_point: name of the `ActivationPoint` of the other operand.
+      output_ndim: rank of the matmul's output.
       kernel_index: for each element of the weight value, its flat index in the leaf.
     """
 
@@ -73,6 +74,7 @@ class WeightSite:
     weight_shape: tuple[int, ...]
     contracting: tuple[int, ...]
     input_point: str
+    output_ndim: int
     kernel_index: np.ndarray = dataclasses.field(repr=False)
 
 
@@ -356,6 +358,7 @@ class _Analysis:
                         weight_shape=tuple(g.avals[w_id].shape),
                         contracting=contracting,
                         input_point="",  # filled below
+                        output_ndim=len(g.avals[node.outputs[0]].shape),
                         kernel_index=self.param_probe(w_id),
                     )
                 )

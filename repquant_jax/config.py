@@ -1,0 +1,192 @@
+"""Quantization config: frozen keyword-only dataclasses, rules on site names, presets.
+
+A `QuantConfig` says how every site is quantized; `Rule`s override it for the sites
+whose name matches a regular expression (first match wins, like qwix). The presets in
+`repquant_jax.presets` build the configs of the methods compared in DESIGN.md §2.7.
+
+Example:
+  >>> import repquant_jax as repquant
+  >>> config = repquant.presets.repq_vit(w_bits=6, a_bits=6, rules=(
+  ...     repquant.Rule(pattern=r"^head", bits=8),))
+  >>> config.norm_quantizer
+  'per_channel'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+__all__ = ["Rule", "DualClipping", "Reconstruction", "QuantConfig", "SiteSpec"]
+
+_CALIBRATIONS = ("minmax", "percentile", "search")
+_ACT_KINDS = ("uniform", "symmetric", "log2", "log_sqrt2")
+
+
+def _check_bits(name: str, bits: int | None) -> None:
+    if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 16):
+        raise ValueError(f"{name} must be an integer in 2..16, got {bits!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Overrides the config for sites whose name matches ``pattern`` (`re.search`).
+
+    Attributes:
+      pattern: regular expression matched against site names as printed by
+        `repquant_jax.inspect` (``"Block_3/attn/query"``, ``"fc1:input"``).
+      target: ``"weight"``, ``"activation"`` or ``"any"``: which sites the rule is for.
+      bits: bit-width for the matched sites.
+      kind: activation quantizer kind (``"uniform"``, ``"symmetric"``, ``"log2"``,
+        ``"log_sqrt2"``).
+      skip: leave the matched sites in float.
+    """
+
+    pattern: str
+    target: str = "any"
+    bits: int | None = None
+    kind: str | None = None
+    skip: bool = False
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regex: {err}") from None
+        _check_choice("Rule.target", self.target, ("weight", "activation", "any"))
+        _check_bits("Rule.bits", self.bits)
+        if self.kind is not None:
+            _check_choice("Rule.kind", self.kind, _ACT_KINDS)
+
+    def matches(self, name: str, target: str) -> bool:
+        return self.target in ("any", target) and re.search(self.pattern, name) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DualClipping:
+    """Learnable per-channel lower/upper clipping of norm outputs (DESIGN.md §2.6).
+
+    Attributes:
+      steps: Adam steps per fold group.
+      learning_rate: Adam learning rate on the clipping logits.
+      max_rows: calibration tokens (rows of the ``[tokens, channels]`` activation)
+        sampled per group for the loss.
+    """
+
+    steps: int = 100
+    learning_rate: float = 5e-2
+    max_rows: int = 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reconstruction:
+    """Weight rounding reconstruction after the fold (AdaRound-style, DESIGN.md §2.6).
+
+    Each weight matmul, in forward order, learns whether to round every weight up or
+    down so that its output on the quantized model's inputs matches the float model's.
+
+    Attributes:
+      steps: Adam steps per weight site.
+      learning_rate: Adam learning rate on the rounding logits.
+      reg_weight: weight of the regularizer pushing the soft rounding to 0 or 1.
+      beta_start, beta_end: annealing range of the regularizer's exponent.
+      warmup: fraction of steps without the regularizer.
+      max_rows: calibration tokens sampled per site for the loss.
+    """
+
+    steps: int = 200
+    learning_rate: float = 1e-2
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    max_rows: int = 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How to quantize a model. Build one with `repquant_jax.presets`.
+
+    Attributes:
+      w_bits: weight bit-width (per output channel, asymmetric uniform).
+      a_bits: activation bit-width for matmul inputs.
+      input_bits: bit-width for matmul inputs that are the function's own inputs
+        (the patch-embedding input, DESIGN.md §2.3).
+      weight_calibration: ``"minmax"``, ``"percentile"`` or ``"search"`` (§2.2).
+      activation_calibration: same choices, for activations.
+      weight_granularity: ``"per_channel"`` (per output channel) or ``"per_tensor"``.
+      norm_quantizer: ``"per_tensor"``, or ``"per_channel"`` for norm outputs during
+        calibration, folded into per-tensor by the §2.4 reparameterization.
+      unfoldable: what to do with a per-channel norm quantizer whose group cannot be
+        folded (post-LN BERT): ``"per_tensor"``, ``"per_channel"`` (keep it) or
+        ``"error"``.
+      fold_norms: fold per-channel norm quantizers into per-tensor ones (§2.4). False
+        keeps them per channel: the calibration-time model, for comparisons.
+      exact_zero_point: fold with z̃ = round(mean(z)) (bit-exact) instead of RepQ-ViT's
+        unrounded mean.
+      rmsnorm: ``"bias"`` (asymmetric per-channel quantizer; the fold adds a norm bias)
+        or ``"symmetric"`` (symmetric per-channel quantizer; a pure scale fold).
+      softmax_quantizer: ``"uniform"``, ``"log2"`` or ``"log_sqrt2"`` for softmax
+        outputs feeding a matmul.
+      percentile: the percentile of the ``"percentile"`` calibration.
+      dual_clipping: learn per-channel clipping of norm outputs before the fold.
+      reconstruction: learn weight rounding after the fold.
+      rules: per-site overrides, first match wins.
+      seed: seeds every random choice (subsampling, learning).
+      max_calibration_values: cap on the values kept per site to estimate quantiles.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    input_bits: int = 8
+    weight_calibration: str = "search"
+    activation_calibration: str = "search"
+    weight_granularity: str = "per_channel"
+    norm_quantizer: str = "per_channel"
+    unfoldable: str = "per_tensor"
+    fold_norms: bool = True
+    exact_zero_point: bool = True
+    rmsnorm: str = "bias"
+    softmax_quantizer: str = "log_sqrt2"
+    percentile: float = 0.9999
+    dual_clipping: DualClipping | None = None
+    reconstruction: Reconstruction | None = None
+    rules: tuple[Rule, ...] = ()
+    seed: int = 0
+    max_calibration_values: int = 1 << 24
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits", "input_bits"):
+            _check_bits(name, getattr(self, name))
+        _check_choice("weight_calibration", self.weight_calibration, _CALIBRATIONS)
+        _check_choice("activation_calibration", self.activation_calibration, _CALIBRATIONS)
+        _check_choice("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor"))
+        _check_choice("norm_quantizer", self.norm_quantizer, ("per_tensor", "per_channel"))
+        _check_choice("unfoldable", self.unfoldable, ("per_tensor", "per_channel", "error"))
+        _check_choice("rmsnorm", self.rmsnorm, ("bias", "symmetric"))
+        _check_choice("softmax_quantizer", self.softmax_quantizer, ("uniform", "log2", "log_sqrt2"))
+        if not 0.5 < self.percentile <= 1.0:
+            raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+        if self.max_calibration_values < 1024:
+            raise ValueError(f"max_calibration_values must be >= 1024, got {self.max_calibration_values}")
+        if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
+            raise TypeError("rules must be a tuple of repquant_jax.Rule")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+    """The resolved settings of one site (after rules)."""
+
+    name: str
+    target: str  # "weight" or "activation"
+    bits: int
+    kind: str  # quantizer kind
+    granularity: str  # "per_tensor" or "per_channel"
+    calibration: str
+    skip: bool = False
+    rule: int | None = None  # index of the rule that matched

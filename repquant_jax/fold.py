@@ -1,0 +1,152 @@
+"""Scale reparameterization (DESIGN.md §2.4): per-channel norm quantizers → per-tensor.
+
+A norm output ``x = γ⊙x_n + β`` feeding ``y = x @ W + b`` is quantized per channel with
+scales ``s`` and zero points ``z`` during calibration. With ``s̃ = mean(s)``,
+``z̃ = round(mean(z))``, ``r1 = s / s̃`` and ``r2 = z - z̃``:
+
+* the norm becomes ``γ̃ = γ / r1``, ``β̃ = (β + s⊙r2) / r1``;
+* every following matmul ``W̃ = diag(r1)·W`` (its input-channel rows), ``b̃ = b - (s⊙r2) @ W``;
+* the quantizer becomes per tensor ``(s̃, z̃)``.
+
+``x̃ / s̃ = x / s + r2`` with integer ``r2``, so the integer codes, and hence the model's
+output, are exactly those of the per-channel quantizer.
+
+RMSNorm has no β: with an asymmetric quantizer the shift ``s⊙r2/r1`` becomes an *input
+offset* added to the norm output before quantization; a symmetric quantizer has
+``r2 = 0`` and needs none. A matmul without a bias gets an *output offset* instead of
+``b̃``. Both offsets live in the quantizer state (`QParams`), not in the model's params.
+
+Everything here edits flat NumPy copies of the parameter leaves, located through the
+index maps that `repquant_jax.sites` computed, so it works whatever reshapes the model
+applies to its parameters (DenseGeneral kernels, scan-stacked layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from repquant_jax import quantizers as qz
+from repquant_jax.sites import FoldGroup, Plan, WeightSite
+
+__all__ = ["FoldResult", "fold_norm_into_dense", "weight_matrix", "weight_from_matrix"]
+
+
+def weight_matrix(view, contracting: tuple[int, ...]):
+    """A weight as its matmul sees it, as a ``[K, N]`` matrix: contracted axes first."""
+    moved = jnp.moveaxis(view, contracting, tuple(range(len(contracting))))
+    k = int(np.prod([view.shape[a] for a in contracting]))
+    return moved.reshape(k, -1)
+
+
+def weight_from_matrix(matrix, shape: tuple[int, ...], contracting: tuple[int, ...]):
+    """Inverse of `weight_matrix`."""
+    free = [d for d in range(len(shape)) if d not in contracting]
+    moved_shape = [shape[a] for a in contracting] + [shape[a] for a in free]
+    moved = matrix.reshape(moved_shape)
+    return jnp.moveaxis(moved, tuple(range(len(contracting))), contracting)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FoldResult:
+    """What one fold produced.
+
+    Attributes:
+      quantizer: the per-tensor quantizer replacing the per-channel one.
+      input_offset: ``(C,)`` added to the norm output before quantization (RMSNorm with
+        an asymmetric quantizer), or None.
+      output_offsets: weight site name -> array added to that matmul's output (matmuls
+        without a bias parameter), shaped to broadcast against it.
+      max_abs_r2: largest |z - z̃|, for the report.
+    """
+
+    quantizer: qz.QuantParams
+    input_offset: np.ndarray | None
+    output_offsets: dict[str, np.ndarray]
+    max_abs_r2: float
+
+
+def fold_norm_into_dense(
+    leaves: list[np.ndarray],
+    plan: Plan,
+    group: FoldGroup,
+    quantizer: qz.QuantParams,
+    *,
+    exact_zero_point: bool = True,
+) -> FoldResult:
+    """Folds a per-channel norm-output quantizer into the norm and its matmuls.
+
+    Edits ``leaves`` (flat NumPy copies of the parameter leaves, in flatten order) in
+    place; the caller owns those copies, never the user's arrays.
+
+    Args:
+      leaves: parameter leaves as NumPy arrays (edited in place).
+      plan: the analysis plan.
+      group: a foldable group of the plan.
+      quantizer: its per-channel quantizer (axis -1, uniform or symmetric).
+      exact_zero_point: round z̃ (bit-exact fold) instead of RepQ-ViT's float mean.
+
+    Returns:
+      The per-tensor quantizer and the offsets to apply.
+
+    Raises:
+      ValueError: if the group is not foldable or the quantizer is not per channel.
+    """
+    if not group.foldable:
+        raise ValueError(f"fold group {group.name!r} cannot be folded: {group.reason}")
+    scale = np.asarray(quantizer.scale, np.float64)
+    if quantizer.axis is None or scale.shape != (group.channels,):
+        raise ValueError(
+            f"fold group {group.name!r} needs a per-channel quantizer with {group.channels} "
+            f"scales, got scale shape {scale.shape}"
+        )
+    zero = np.asarray(quantizer.zero_point, np.float64)
+    s_t = scale.mean()
+    z_t = np.round(zero.mean()) if exact_zero_point else zero.mean()
+    r1 = scale / s_t
+    r2 = zero - z_t
+    shift = scale * r2  # s ⊙ r2, per channel
+
+    gamma = leaves[group.scale_param_index].reshape(-1)
+    gamma[group.scale_index] = gamma[group.scale_index] / r1
+    input_offset = None
+    if group.bias_param_index is not None:
+        beta = leaves[group.bias_param_index].reshape(-1)
+        beta[group.bias_index] = (beta[group.bias_index] + shift) / r1
+    elif np.any(shift != 0):
+        input_offset = (shift / r1).astype(np.float32)
+
+    output_offsets = {}
+    for consumer in group.consumers:
+        site = plan.weight(consumer.site)
+        kernel = leaves[site.param_index].reshape(-1)
+        view = kernel[site.kernel_index]
+        matrix = np.asarray(weight_matrix(view.astype(np.float64), site.contracting))
+        delta = shift[consumer.contract_channel] @ matrix  # (s ⊙ r2) @ W, per output
+        rows = consumer.row_channel >= 0
+        kernel[rows] = kernel[rows] * r1[consumer.row_channel[rows]]
+        if not np.any(delta != 0):
+            continue
+        if consumer.bias_param_index is not None:
+            bias = leaves[consumer.bias_param_index].reshape(-1)
+            bias[consumer.bias_index] = bias[consumer.bias_index] - delta
+        else:
+            output_offsets[site.name] = _output_offset(site, -delta)
+
+    kind = quantizer.kind
+    if kind == "symmetric":
+        new = qz.symmetric(jnp.float32(s_t), quantizer.bits)
+    else:
+        new = qz.uniform(jnp.float32(s_t), jnp.float32(z_t), quantizer.bits)
+    return FoldResult(new, input_offset, output_offsets, float(np.abs(r2).max()))
+
+
+def _output_offset(site: WeightSite, values: np.ndarray) -> np.ndarray:
+    """Shapes a per-output vector to broadcast against the matmul's output."""
+    free_shape = [d for i, d in enumerate(site.weight_shape) if i not in site.contracting]
+    shaped = values.astype(np.float32).reshape(free_shape)
+    if site.weight_operand == 0:  # output = (weight free..., other free...)
+        shaped = shaped.reshape(free_shape + [1] * (site.output_ndim - len(free_shape)))
+    return shaped

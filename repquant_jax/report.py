@@ -1,0 +1,83 @@
+"""The per-site report of a transform: what was done at each site, and its error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from repquant_jax import quantizers as qz
+from repquant_jax.config import SiteSpec
+
+__all__ = ["SiteReport", "TransformReport"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteReport:
+    """One quantized (or skipped) site.
+
+    Attributes:
+      name: site name.
+      role: ``"weight"`` or ``"activation/<source>"``.
+      bits: bit-width (0 when left in float).
+      quantizer: ``"<kind> per_tensor|per_channel"`` or ``"float"``.
+      scale_min, scale_max: range of the scales.
+      mse: mean squared quantization error on the calibration data (activations).
+      relative_mse: ``mse`` over the mean square of the values.
+      note: what the fold did, if anything.
+    """
+
+    name: str
+    role: str
+    bits: int
+    quantizer: str
+    scale_min: float | None
+    scale_max: float | None
+    mse: float | None
+    relative_mse: float | None
+    note: str
+
+    @classmethod
+    def make(cls, name, role, spec: SiteSpec, qp: qz.QuantParams | None, mse, rel, note) -> SiteReport:
+        if qp is None:
+            return cls(name, role, 0, "float", None, None, None, None, note or ("skipped by rule" if spec.skip else ""))
+        scale = np.asarray(qp.scale)
+        granularity = "per_tensor" if qp.axis is None else "per_channel"
+        return cls(name, role, qp.bits, f"{qp.kind} {granularity}", float(scale.min()), float(scale.max()), mse, rel, note)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformReport:
+    """All sites of one transform. ``str(report)`` is a table."""
+
+    sites: tuple[SiteReport, ...]
+    notes: tuple[str, ...] = ()
+
+    def site(self, name: str) -> SiteReport:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def summary(self) -> str:
+        """A few lines: counts and the worst activation sites."""
+        acts = [s for s in self.sites if s.relative_mse is not None]
+        worst = sorted(acts, key=lambda s: -s.relative_mse)[:3]
+        lines = [
+            f"{sum(s.bits > 0 for s in self.sites)} of {len(self.sites)} sites quantized; "
+            f"{sum(s.note.startswith('folded') for s in self.sites)} norm groups folded",
+        ]
+        lines += [f"  highest relative MSE: {s.name} {s.relative_mse:.3g} ({s.quantizer}, {s.bits} bits)" for s in worst]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        rows = [("site", "role", "bits", "quantizer", "scale range", "rel. MSE", "note")]
+        for s in self.sites:
+            scale = "" if s.scale_min is None else f"{s.scale_min:.3g}..{s.scale_max:.3g}"
+            rel = "" if s.relative_mse is None else f"{s.relative_mse:.3g}"
+            rows.append((s.name, s.role, str(s.bits), s.quantizer, scale, rel, s.note))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(6)) + "  " + r[6] for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])

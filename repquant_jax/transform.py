@@ -1,0 +1,521 @@
+"""The RepQuant pipeline: ``transform(apply_fn, params, calib_batches, config)``.
+
+::
+
+    trace → plan → calibrate (forward order, upstream quantizers active)
+          → learn dual clipping (repquant) → fold norms (§2.4) → re-calibrate folded weights
+          → reconstruct weight rounding (repquant) → report → (qparams, qapply)
+
+`qapply(qparams, *inputs)` is the graph interpreter with fake-quant hooks under
+`jax.jit`; a new input shape re-traces and re-matches sites by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from repquant_jax import calibration as cal
+from repquant_jax import quantizers as qz
+from repquant_jax.config import QuantConfig, SiteSpec
+from repquant_jax.fold import fold_norm_into_dense, weight_from_matrix, weight_matrix
+from repquant_jax.graph import Graph, trace
+from repquant_jax.interpret import evaluate, evaluate_batches
+from repquant_jax.report import SiteReport, TransformReport
+from repquant_jax.sites import Plan, analyze
+
+__all__ = ["QParams", "QApply", "transform", "resolve_specs", "quant_hooks"]
+
+
+@struct.dataclass
+class QParams:
+    """Quantized parameters: folded float params plus per-site quantizer state.
+
+    Attributes:
+      params: the folded float parameters, same tree structure as the input params.
+      weights: weight site name -> per-output-channel quantizer of its ``[K, N]`` matrix.
+      activations: activation point name -> quantizer.
+      input_offsets: activation point name -> ``(C,)`` added before quantizing
+        (RMSNorm folds with an asymmetric quantizer).
+      output_offsets: weight site name -> array added to the matmul output (folds into
+        matmuls without a bias parameter).
+    """
+
+    params: Any
+    weights: dict[str, qz.QuantParams]
+    activations: dict[str, qz.QuantParams]
+    input_offsets: dict[str, jax.Array]
+    output_offsets: dict[str, jax.Array]
+
+
+class _Progress:
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.verbose:
+            print(f"[repquant {time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+
+
+def _as_batches(calib_batches: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """Materializes the calibration iterable as a list of tuples of inputs."""
+    if calib_batches is None:
+        raise ValueError("calib_batches is None: pass an iterable of calibration batches")
+    batches = []
+    for item in calib_batches:
+        batches.append(tuple(item) if isinstance(item, (tuple, list)) else (item,))
+    if not batches:
+        raise ValueError("calib_batches is empty: at least one calibration batch is needed")
+    first = jax.tree_util.tree_structure(batches[0])
+    shapes0 = [(np.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(batches[0])]
+    for b, batch in enumerate(batches):
+        if jax.tree_util.tree_structure(batch) != first:
+            raise ValueError(
+                f"calibration batch {b} has structure {jax.tree_util.tree_structure(batch)}, "
+                f"batch 0 has {first}"
+            )
+        leaves = jax.tree_util.tree_leaves(batch)
+        shapes = [(np.shape(x), jnp.result_type(x)) for x in leaves]
+        if shapes != shapes0:
+            raise ValueError(
+                f"calibration batch {b} has input shapes/dtypes {shapes}, batch 0 has {shapes0}; "
+                "all calibration batches must have the same shapes (pad them to one length)"
+            )
+        for i, leaf in enumerate(leaves):
+            arr = np.asarray(leaf)
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise ValueError(f"calibration batch {b}, input {i} contains NaN or Inf")
+    return batches
+
+
+def _check_params(params: Any) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} contains NaN or Inf")
+
+
+# --------------------------------------------------------------------------------------
+# Specs
+
+
+def resolve_specs(plan: Plan, config: QuantConfig, *, warn_unused: bool = True) -> dict[str, SiteSpec]:
+    """Per-site settings from the config and its rules (first matching rule wins).
+
+    Raises:
+      ValueError: if a norm group cannot be folded and ``config.unfoldable == "error"``.
+    """
+    groups = {g.name: g for g in plan.groups}
+    specs: dict[str, SiteSpec] = {}
+    used = set()
+
+    def apply_rules(spec: SiteSpec) -> SiteSpec:
+        for i, rule in enumerate(config.rules):
+            if rule.matches(spec.name, spec.target):
+                used.add(i)
+                return dataclasses.replace(
+                    spec,
+                    bits=rule.bits if rule.bits is not None else spec.bits,
+                    kind=rule.kind if rule.kind is not None else spec.kind,
+                    granularity="per_tensor" if rule.kind in ("log2", "log_sqrt2") else spec.granularity,
+                    skip=rule.skip,
+                    rule=i,
+                )
+        return spec
+
+    for w in plan.weights:
+        spec = SiteSpec(w.name, "weight", config.w_bits, "uniform", config.weight_granularity, config.weight_calibration)
+        specs[w.name] = apply_rules(spec)
+    for p in plan.points:
+        kind, granularity, bits = "uniform", "per_tensor", config.a_bits
+        if p.source == "softmax":
+            kind = config.softmax_quantizer
+        elif p.source == "input":
+            bits = config.input_bits
+        elif p.fold_group is not None and config.norm_quantizer == "per_channel":
+            group = groups[p.fold_group]
+            granularity = "per_channel"
+            if group.kind == "rmsnorm" and config.rmsnorm == "symmetric":
+                kind = "symmetric"
+            if not group.foldable:
+                if config.unfoldable == "error":
+                    raise ValueError(
+                        f"norm group {group.name!r} cannot be folded ({group.reason}); "
+                        "set unfoldable='per_tensor' or 'per_channel' to quantize it anyway"
+                    )
+                granularity = config.unfoldable
+        spec = SiteSpec(p.name, "activation", bits, kind, granularity, config.activation_calibration)
+        specs[p.name] = apply_rules(spec)
+    unused = [r.pattern for i, r in enumerate(config.rules) if i not in used]
+    if unused and warn_unused:
+        warnings.warn(f"quantization rules matched no site: {unused}", stacklevel=3)
+    return specs
+
+
+# --------------------------------------------------------------------------------------
+# Calibration
+
+
+def _subsample(x: np.ndarray, cap: int, rng: np.random.Generator, row_size: int = 1) -> np.ndarray:
+    """At most ``cap`` values (whole rows of ``row_size``), chosen at random."""
+    if x.size <= cap:
+        return x
+    keep = max(1, cap // row_size)
+    return x[np.sort(rng.choice(x.shape[0], size=keep, replace=False))]
+
+
+def calibrate_values(values: np.ndarray, spec: SiteSpec, config: QuantConfig, axis: int | None) -> qz.QuantParams:
+    """Fits a quantizer to observed values (flat for per tensor, ``[rows, C]`` with
+    ``axis=-1`` for per channel)."""
+    method, bits, kind = spec.calibration, spec.bits, spec.kind
+    if kind in ("log2", "log_sqrt2"):
+        if method == "search":
+            return cal.search_log_sqrt2(values, bits, kind=kind)
+        top = np.max(values) if method == "minmax" else np.quantile(values, config.percentile)
+        make = qz.log2 if kind == "log2" else qz.log_sqrt2
+        return make(jnp.float32(max(float(top), 1e-8)), bits)
+    symmetric = kind == "symmetric"
+    if method == "minmax":
+        qp = cal.minmax(values, bits, axis=axis, symmetric=symmetric)
+    elif method == "percentile":
+        qp = cal.percentile(values, bits, p=config.percentile, axis=axis, symmetric=symmetric)
+    else:
+        qp = cal.search_uniform(values, bits, axis=axis, symmetric=symmetric)
+    return qp.replace(axis=-1) if axis is not None else qp
+
+
+def calibrate_weight(matrix, spec: SiteSpec, config: QuantConfig) -> qz.QuantParams:
+    """Per-output-channel (column) quantizer of a ``[K, N]`` weight matrix."""
+    axis = 1 if spec.granularity == "per_channel" else None
+    qp = calibrate_values(np.asarray(matrix, np.float32), spec, config, axis)
+    return qp.replace(axis=1) if axis is not None else qp
+
+
+def fake_quant_weight(view, qp: qz.QuantParams, contracting: tuple[int, ...]):
+    """Fake-quantizes a weight as its matmul sees it, per output channel."""
+    matrix = weight_matrix(view, contracting)
+    return weight_from_matrix(qz.fake_quant(matrix, qp), view.shape, contracting)
+
+
+def _point_values(values: list, spec: SiteSpec, cap: int, rng) -> np.ndarray:
+    if spec.granularity == "per_channel":
+        channels = np.shape(values[0])[-1]
+        rows = np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
+        return _subsample(rows, cap, rng, channels)
+    flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
+    return _subsample(flat, cap, rng)
+
+
+def quant_hooks(graph: Graph, plan: Plan, qparams: QParams) -> tuple[dict, dict]:
+    """Fake-quant hooks and output-offset rewrites for `evaluate`, from ``qparams``.
+
+    Sites of the plan without state in ``qparams`` stay float; state without a site
+    raises, since it means the model traced differently from when it was calibrated.
+    """
+    known = {w.name for w in plan.weights} | {p.name for p in plan.points}
+    stale = (set(qparams.weights) | set(qparams.activations)) - known
+    if stale:
+        raise ValueError(
+            f"qparams hold quantizers for sites this call does not have: {sorted(stale)[:5]}; "
+            "was the model or its input structure changed after transform?"
+        )
+    hooks, rewrites = {}, {}
+    for w in plan.weights:
+        if w.name in qparams.weights:
+            qp = qparams.weights[w.name]
+            hooks[w.weight_id] = lambda vs, qp=qp, c=w.contracting: [fake_quant_weight(v, qp, c) for v in vs]
+        if w.name in qparams.output_offsets:
+            off = qparams.output_offsets[w.name]
+            rewrites[graph.nodes[w.node].outputs[0]] = lambda vs, off=off: [v + off.astype(v.dtype) for v in vs]
+    for p in plan.points:
+        qp = qparams.activations.get(p.name)
+        off = qparams.input_offsets.get(p.name)
+        if qp is None and off is None:
+            continue
+
+        def point_hook(values, qp=qp, off=off):
+            if off is not None:
+                values = [v + off.astype(v.dtype) for v in values]
+            return values if qp is None else [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
+
+        hooks[p.value_id] = point_hook
+    return hooks, rewrites
+
+
+# --------------------------------------------------------------------------------------
+# qapply
+
+
+class QApply:
+    """``qapply(qparams, *inputs)``: the fake-quantized model, jit-compiled.
+
+    Attributes:
+      report: the `TransformReport` of the transform that made it.
+    """
+
+    def __init__(self, apply_fn: Callable[..., Any], params_treedef: Any, report: TransformReport | None = None):
+        self._apply_fn = apply_fn
+        self._params_treedef = params_treedef
+        self._analyses: dict[Any, tuple[Graph, Plan]] = {}
+        self.report = report
+        self._jitted = jax.jit(self._call)
+
+    def analysis(self, params: Any, inputs: tuple[Any, ...]) -> tuple[Graph, Plan]:
+        """The traced graph and plan for these shapes (cached)."""
+        key = (
+            jax.tree_util.tree_structure((params, inputs)),
+            tuple((np.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves((params, inputs))),
+        )
+        if key not in self._analyses:
+            graph = trace(self._apply_fn, params, *inputs)
+            self._analyses[key] = (graph, analyze(graph))
+        return self._analyses[key]
+
+    def _call(self, qparams: QParams, *inputs: Any) -> Any:
+        graph, plan = self.analysis(qparams.params, inputs)
+        hooks, rewrites = quant_hooks(graph, plan, qparams)
+        return evaluate(graph, qparams.params, inputs, hooks, rewrites)
+
+    def __call__(self, qparams: QParams, *inputs: Any) -> Any:
+        if not isinstance(qparams, QParams):
+            raise TypeError(f"qapply expects the QParams returned by transform, got {type(qparams).__name__}")
+        treedef = jax.tree_util.tree_structure(qparams.params)
+        if treedef != self._params_treedef:
+            raise TypeError(
+                "qparams.params has another tree structure than the params given to transform:\n"
+                f"  got      {treedef}\n  expected {self._params_treedef}"
+            )
+        return self._jitted(qparams, *inputs)
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline
+
+
+def transform(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    calib_batches: Iterable[Any],
+    config: QuantConfig,
+    *,
+    verbose: bool = True,
+) -> tuple[QParams, QApply]:
+    """Quantizes a model after training with RepQuant (or the baseline a config names).
+
+    Args:
+      apply_fn: pure ``apply_fn(params, *inputs)``: a Linen ``model.apply`` in a lambda,
+        an NNX model through ``nnx.split``/``nnx.merge``, or plain JAX.
+      params: the trained parameter pytree. It is not modified.
+      calib_batches: an iterable of calibration batches; each item is a tuple of
+        ``apply_fn``'s positional inputs, or a single array for one input. All batches
+        must have the same shapes.
+      config: from `repquant_jax.presets`.
+      verbose: print progress.
+
+    Returns:
+      ``(qparams, qapply)``: `QParams` and the jit-compiled fake-quant apply function,
+      whose ``report`` attribute describes every site.
+
+    Raises:
+      ValueError: bad config, empty or non-finite calibration data, batches of
+        different shapes, an unfoldable group with ``unfoldable="error"``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import repquant_jax as repquant
+      >>> model = nn.Sequential([nn.LayerNorm(), nn.Dense(16), nn.gelu, nn.Dense(4)])
+      >>> x = jax.random.normal(jax.random.key(0), (8, 16))
+      >>> params = model.init(jax.random.key(1), x)
+      >>> qparams, qapply = repquant.transform(
+      ...     lambda p, x: model.apply(p, x), params, [x], repquant.presets.repq_vit(8, 8),
+      ...     verbose=False)
+      >>> qapply(qparams, x).shape
+      (8, 4)
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (see repquant_jax.presets), got {type(config).__name__}")
+    progress = _Progress(verbose)
+    batches = _as_batches(calib_batches)
+    _check_params(params)
+    param_leaves, params_treedef = jax.tree_util.tree_flatten(params)
+
+    graph = trace(apply_fn, params, *batches[0])
+    plan = analyze(graph)
+    specs = resolve_specs(plan, config)
+    progress(
+        f"traced: {len(plan.weights)} weight matmuls, {len(plan.points)} activation quantizers, "
+        f"{len(plan.groups)} norm groups ({sum(g.foldable for g in plan.groups)} foldable); "
+        f"{len(batches)} calibration batches"
+    )
+
+    # 1. Calibration, in forward order, every upstream quantizer already active.
+    rng = np.random.default_rng(config.seed)
+    weight_qps: dict[str, qz.QuantParams] = {}
+    act_qps: dict[str, qz.QuantParams] = {}
+    group_inputs: dict[str, np.ndarray] = {}
+    group_of_point = {g.point: g for g in plan.groups}
+    learn_rows = config.dual_clipping.max_rows if config.dual_clipping else 0
+    hooks = {}
+    for w in plan.weights:
+        spec = specs[w.name]
+        if spec.skip:
+            continue
+
+        def weight_hook(values, w=w, spec=spec):
+            matrix = weight_matrix(values[0], w.contracting)
+            weight_qps[w.name] = calibrate_weight(matrix, spec, config)
+            return [fake_quant_weight(values[0], weight_qps[w.name], w.contracting)]
+
+        hooks[w.weight_id] = weight_hook
+    n_points = sum(not specs[p.name].skip for p in plan.points)
+
+    for p in plan.points:
+        spec = specs[p.name]
+        if spec.skip:
+            continue
+
+        def point_hook(values, p=p, spec=spec):
+            data = _point_values(values, spec, config.max_calibration_values, rng)
+            try:
+                qp = calibrate_values(data, spec, config, -1 if spec.granularity == "per_channel" else None)
+            except ValueError as err:
+                raise ValueError(f"calibrating {p.name!r}: {err}") from None
+            act_qps[p.name] = qp
+            if learn_rows and p.name in group_of_point and spec.granularity == "per_channel":
+                group_inputs[p.name] = _subsample(data, learn_rows * data.shape[1], rng, data.shape[1])
+            if len(act_qps) % 10 == 0 or len(act_qps) == n_points:
+                progress(f"calibrated {len(act_qps)}/{n_points} activation quantizers")
+            return [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
+
+        hooks[p.value_id] = point_hook
+    batch_leaves = [jax.tree_util.tree_leaves(b) for b in batches]
+    evaluate_batches(graph, param_leaves, batch_leaves, hooks)
+
+    # 2. Learnable dual clipping of the per-channel norm quantizers (RepQuant).
+    if config.dual_clipping is not None and group_inputs:
+        from repquant_jax.learn import learn_dual_clipping
+
+        for i, (point, rows) in enumerate(group_inputs.items()):
+            group = group_of_point[point]
+            consumers = [plan.weight(c.site) for c in group.consumers] or [
+                w for w in plan.weights if w.input_point == point
+            ]
+            matrices = [weight_matrix(jnp.asarray(param_leaves[w.param_index]).reshape(-1)[w.kernel_index], w.contracting) for w in consumers]
+            wqps = [weight_qps[w.name] for w in consumers if w.name in weight_qps]
+            if len(wqps) != len(matrices):
+                continue
+            act_qps[point], before, after = learn_dual_clipping(
+                rows, act_qps[point], matrices, wqps, config.dual_clipping, seed=config.seed + i
+            )
+            progress(f"dual clipping {group.name}: output MSE {before:.3g} -> {after:.3g} ({i + 1}/{len(group_inputs)})")
+
+    # 3. Fold per-channel norm quantizers into per-tensor ones (§2.4).
+    leaves = [np.array(leaf, copy=True) for leaf in param_leaves]
+    input_offsets: dict[str, np.ndarray] = {}
+    output_offsets: dict[str, np.ndarray] = {}
+    fold_notes: dict[str, str] = {}
+    refit = set()
+    for group in plan.groups:
+        spec = specs.get(group.point)
+        if spec is None or spec.skip or spec.granularity != "per_channel":
+            continue
+        if not group.foldable or not config.fold_norms:
+            reason = group.reason if not group.foldable else "fold_norms=False"
+            fold_notes[group.point] = f"kept per channel: {reason}"
+            continue
+        result = fold_norm_into_dense(
+            leaves, plan, group, act_qps[group.point], exact_zero_point=config.exact_zero_point
+        )
+        act_qps[group.point] = result.quantizer
+        if result.input_offset is not None:
+            input_offsets[group.point] = result.input_offset
+        output_offsets.update(result.output_offsets)
+        refit.update(c.site for c in group.consumers)
+        fold_notes[group.point] = f"folded {group.name} into {len(group.consumers)} matmuls (max |r2| {result.max_abs_r2:g})"
+    for group in plan.groups:
+        spec = specs.get(group.point)
+        if spec is not None and not group.foldable and spec.granularity == "per_tensor" and config.norm_quantizer == "per_channel":
+            fold_notes[group.point] = f"per tensor (not foldable: {group.reason})"
+    # 4. Re-calibrate the weights that the fold rescaled.
+    for w in plan.weights:
+        if w.name in refit and w.name in weight_qps:
+            view = leaves[w.param_index].reshape(-1)[w.kernel_index]
+            weight_qps[w.name] = calibrate_weight(weight_matrix(view, w.contracting), specs[w.name], config)
+    if fold_notes:
+        progress(f"folded {sum(n.startswith('folded') for n in fold_notes.values())} norm groups")
+
+    new_leaves = [jnp.asarray(leaf, dtype=jnp.asarray(orig).dtype) for leaf, orig in zip(leaves, param_leaves)]
+    qparams = QParams(
+        params=jax.tree_util.tree_unflatten(params_treedef, new_leaves),
+        weights=weight_qps,
+        activations=act_qps,
+        input_offsets={k: jnp.asarray(v) for k, v in input_offsets.items()},
+        output_offsets={k: jnp.asarray(v) for k, v in output_offsets.items()},
+    )
+
+    # 5. Weight rounding reconstruction (RepQuant).
+    if config.reconstruction is not None:
+        from repquant_jax.learn import reconstruct_weights
+
+        qparams = reconstruct_weights(graph, plan, qparams, params, batch_leaves, config, progress)
+
+    # 6. Report: per-site quantization error on the calibration data.
+    used_rules = {s.rule for s in specs.values() if s.rule is not None}
+    notes = plan.notes + tuple(
+        f"rule {r.pattern!r} matched no site" for i, r in enumerate(config.rules) if i not in used_rules
+    )
+    report = _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes)
+    progress("done")
+    if verbose:
+        print(report.summary(), flush=True)
+    return qparams, QApply(apply_fn, params_treedef, report)
+
+
+def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes) -> TransformReport:
+    hooks, rewrites = quant_hooks(graph, plan, qparams)
+    errors: dict[str, tuple[float, float]] = {}
+    names = {p.value_id: p.name for p in plan.points if p.name in qparams.activations}
+
+    def measuring(vid, hook):
+        def run(values):
+            out = hook(values)
+            if vid in names:
+                sq = sum(float(jnp.sum((o - v) ** 2)) for o, v in zip(out, values))
+                ref = sum(float(jnp.sum(v**2)) for v in values)
+                count = sum(int(np.size(v)) for v in values)
+                errors[names[vid]] = (sq / count, sq / max(ref, 1e-30))
+            return out
+
+        return run
+
+    evaluate_batches(
+        graph,
+        jax.tree_util.tree_leaves(qparams.params),
+        batch_leaves,
+        {vid: measuring(vid, h) for vid, h in hooks.items()},
+        rewrites,
+    )
+    rows = []
+    for w in plan.weights:
+        spec = specs[w.name]
+        qp = qparams.weights.get(w.name)
+        rows.append(SiteReport.make(w.name, "weight", spec, qp, None, None, ""))
+    for p in plan.points:
+        spec = specs[p.name]
+        qp = qparams.activations.get(p.name)
+        mse, rel = errors.get(p.name, (None, None))
+        rows.append(SiteReport.make(p.name, f"activation/{p.source}", spec, qp, mse, rel, fold_notes.get(p.name, "")))
+    return TransformReport(tuple(rows), notes)

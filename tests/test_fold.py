@@ -1,0 +1,93 @@
+"""Exactness of the §2.4 fold and the §2.5 log√2 → log2 form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import zoo
+
+import repquant_jax as repquant
+from repquant_jax import quantizers as qz
+from repquant_jax.transform import QParams
+
+P = repquant.presets
+FLOAT_WEIGHTS = (repquant.Rule(pattern=".", target="weight", skip=True),)
+
+
+def _calib(model, n=2):
+    return [tuple(jax.tree_util.tree_map(lambda a, i=i: a * (1.0 + 0.1 * i) if a.dtype.kind == "f" else a, model.inputs)) for i in range(n)]
+
+
+@pytest.mark.parametrize("builder", ["linen_vit_block", "scan_vit", "vit_with_head", "plain_jax_transformer", "nnx_vit_block"])
+def test_folded_params_reproduce_the_float_model(builder):
+    model = zoo.ALL[builder]()
+    qparams, _ = repquant.transform(model.apply_fn, model.params, _calib(model), P.repq_vit(4, 4), verbose=False)
+    assert not qparams.input_offsets and not qparams.output_offsets
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), model.params, qparams.params)
+    assert any(jax.tree_util.tree_leaves(changed)), "the fold changed nothing"
+    np.testing.assert_allclose(
+        model.apply_fn(qparams.params, *model.inputs), model.apply_fn(model.params, *model.inputs), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("rmsnorm", ["bias", "symmetric"])
+def test_rmsnorm_fold_reproduces_the_float_model_with_quantizers_off(rmsnorm):
+    model = zoo.llama_block()
+    qparams, qapply = repquant.transform(
+        model.apply_fn, model.params, _calib(model), P.repq_vit(4, 4, rmsnorm=rmsnorm), verbose=False
+    )
+    if rmsnorm == "bias":
+        assert qparams.input_offsets and qparams.output_offsets  # no β and no Dense bias
+    else:
+        assert not qparams.input_offsets and not qparams.output_offsets
+    disabled = QParams(qparams.params, {}, {}, qparams.input_offsets, qparams.output_offsets)
+    np.testing.assert_allclose(
+        qapply(disabled, *model.inputs), model.apply_fn(model.params, *model.inputs), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("builder", ["linen_vit_block", "llama_block", "scan_vit"])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_per_channel_and_folded_per_tensor_models_agree(builder, bits):
+    model = zoo.ALL[builder](batch=4, seq=8)
+    calib = _calib(model)
+    outs = []
+    for fold in (False, True):
+        config = P.repq_vit(bits, bits, fold_norms=fold, rules=FLOAT_WEIGHTS)
+        qparams, qapply = repquant.transform(model.apply_fn, model.params, calib, config, verbose=False)
+        granularity = {qp.axis is None for name, qp in qparams.activations.items() if name.endswith(":input")}
+        assert granularity == ({True} if fold else {True, False})
+        outs.append(np.asarray(qapply(qparams, *model.inputs)))
+    scale = np.abs(outs[0]).max()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_float_mean_zero_point_mode_is_close_but_not_exact():
+    model = zoo.linen_vit_block(batch=4, seq=8)
+    calib = _calib(model)
+    ref_q, ref_apply = repquant.transform(
+        model.apply_fn, model.params, calib, P.repq_vit(4, 4, fold_norms=False, rules=FLOAT_WEIGHTS), verbose=False
+    )
+    ref = np.asarray(ref_apply(ref_q, *model.inputs))
+    q, qa = repquant.transform(
+        model.apply_fn, model.params, calib,
+        P.repq_vit(4, 4, exact_zero_point=False, rules=FLOAT_WEIGHTS), verbose=False,
+    )
+    rel = np.linalg.norm(np.asarray(qa(q, *model.inputs)) - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 0.2
+
+
+def test_log_sqrt2_fake_quant_equals_two_accumulator_shift_add_on_real_attention():
+    model = zoo.linen_vit_block(batch=4, seq=8)
+    qparams, qapply = repquant.transform(model.apply_fn, model.params, _calib(model), P.repq_vit(4, 4), verbose=False)
+    plan = qapply.report
+    name = next(s.name for s in plan.sites if s.role == "activation/softmax")
+    qp_attn = qparams.activations[name]
+    assert qp_attn.kind == "log_sqrt2"
+    logits = jax.random.normal(jax.random.key(0), (4, 2, 8, 8)) * 3
+    attn = jax.nn.softmax(logits, axis=-1)
+    v = jax.random.normal(jax.random.key(1), (4, 2, 8, 16))
+    qp_v = qz.uniform(jnp.float32(0.05), jnp.float32(7.0), 4)
+    fake = qz.fake_quant(attn, qp_attn) @ qz.fake_quant(v, qp_v)
+    shift_add = qz.log_sqrt2_matmul_shift_add(qz.quantize(attn, qp_attn), qp_attn, qz.quantize(v, qp_v), qp_v)
+    np.testing.assert_allclose(shift_add, fake, rtol=1e-5, atol=1e-6)
