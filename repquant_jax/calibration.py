@@ -1,0 +1,479 @@
+"""Range estimation: fit a quantizer to observed values (DESIGN §2.2).
+
+Every rule takes observed values (a ``jax.Array`` or a NumPy array) and returns
+a :class:`~repquant_jax.quantizers.QuantParams`:
+
+* :func:`minmax`: the full range (baseline).
+* :func:`percentile`: ``[quantile(x, 1-p), quantile(x, p)]`` (baseline).
+* :func:`search_uniform`: the RepQ-ViT rule. For each ``p`` in
+  ``percentiles``: ``hi = quantile(x, p)``, ``lo = quantile(x, 1-p)``,
+  ``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)``; keep the ``p`` with the
+  lowest mean squared quantization error, per channel when ``axis`` is given.
+* :func:`search_log_sqrt2`: candidate ``s = quantile(x, p)`` for a log√2 (or
+  log2) quantizer, lowest error wins.
+
+``axis`` is the channel axis that is *kept*: one scale per index along
+``axis``, statistics over all the other axes (a Flax Dense kernel
+``[in, out]`` per output channel: ``axis=-1``; activations ``[B, T, C]`` per
+channel: ``axis=-1``). The returned quantizer stores ``axis`` as given, so a
+negative axis keeps working for inputs of another rank.
+
+Design decisions:
+
+* **Zero is not forced into the range** and the zero point is not clipped to
+  the code range (as in RepQ-ViT): for all-positive data ``z`` is negative.
+* **Degenerate ranges.** If ``hi - lo < 1e-8`` (:data:`MIN_RANGE`), or the
+  range is so narrow relative to its offset that ``|z|`` would exceed ``2^20``
+  (float32 codes would lose integer precision), the scale falls back to
+  ``max(|lo|, |hi|, 1e-8)/(2^b - 1)``. A constant channel ``c`` then lands on a
+  code whose value is ``c`` up to float rounding, and an all-zero channel gets
+  the tiny scale ``1e-8/(2^b - 1)`` with ``z = 0``. Symmetric scales use
+  ``max(|lo|, |hi|, 1e-8)/(2^(b-1) - 1)``. For the log kinds a candidate
+  quantile of 0 is replaced by ``max(x)`` (or 1.0 if ``x`` is all zeros).
+* **Exact quantiles on any size.** Quantiles use NumPy's default linear
+  interpolation with the interpolation positions computed in double precision
+  on the host (``jnp.quantile`` computes them in float32, which is inexact past
+  2^24 elements). Tail quantiles are read off ``lax.top_k`` when they are a
+  small fraction of the data (the RepQ-ViT percentiles always are), otherwise
+  off a full sort. Data stays on the device.
+* **Validation** of the values themselves (NaN/Inf, negative values for the
+  log kinds) needs concrete arrays: calibration is meant to run eagerly on
+  observed values. Under ``jax.jit`` the rules still trace and compute, but
+  only the static checks (shapes, bits, percentiles) run.
+* Ties between candidates go to the first percentile in ``percentiles``.
+
+Example:
+    >>> import numpy as np
+    >>> from repquant_jax import calibration
+    >>> x = np.random.default_rng(0).standard_t(3, size=(256, 8)).astype(np.float32)
+    >>> qp = calibration.search_uniform(x, bits=4, axis=-1)
+    >>> qp.scale.shape, qp.kind, qp.axis
+    ((8,), 'uniform', -1)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repquant_jax import quantizers
+from repquant_jax.quantizers import QuantParams
+
+__all__ = [
+    "DEFAULT_PERCENTILES",
+    "MIN_RANGE",
+    "minmax",
+    "percentile",
+    "quantization_mse",
+    "search_log_sqrt2",
+    "search_uniform",
+]
+
+#: The RepQ-ViT candidate percentiles (DESIGN §2.2).
+DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+#: Smallest range a uniform quantizer is fitted to (see the module docstring).
+MIN_RANGE = 1e-8
+# Largest |zero point| before a range counts as degenerate (float32 codes stay exact).
+_MAX_ZERO_POINT = 2.0**20
+# Use lax.top_k for tail quantiles when they need at most 1/_TOPK_FRACTION of the data.
+_TOPK_FRACTION = 8
+
+
+# ----------------------------------------------------------------------------
+# Validation.
+
+
+def _check_percentile(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+        raise ValueError(f"percentiles must be floats in (0.5, 1], got {p!r}")
+    p = float(p)
+    if not 0.5 < p <= 1.0:
+        raise ValueError(f"percentiles must be in (0.5, 1], got {p}")
+    return p
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(percentiles, (int, float, np.floating)):
+        percentiles = (percentiles,)
+    ps = tuple(_check_percentile(p) for p in percentiles)
+    if not ps:
+        raise ValueError("percentiles must not be empty")
+    return ps
+
+
+def _check_axis(axis, ndim: int) -> int | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"axis must be an int or None, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for calibration data with {ndim} dims")
+    return int(axis)
+
+
+def _check_data(x, *, nonnegative: bool = False) -> jax.Array:
+    """Converts to float32 and checks the values (only when they are concrete)."""
+    if isinstance(x, jax.Array):
+        arr = x.astype(jnp.float32)
+        host = None
+    else:
+        host = np.asarray(x)
+        if host.dtype.kind not in "fiub":
+            raise ValueError(f"calibration data must be real numbers, got dtype {host.dtype}")
+        with np.errstate(over="ignore"):  # overflow becomes Inf, reported below
+            host = host.astype(np.float32, copy=False)
+        arr = None
+    size = (arr if host is None else host).size
+    if size == 0:
+        shape = (arr if host is None else host).shape
+        raise ValueError(f"calibration data is empty (shape {shape})")
+    if host is not None:
+        if not np.isfinite(host).all():
+            raise ValueError("calibration data contains NaN or Inf")
+        if nonnegative and (host < 0).any():
+            raise ValueError(
+                f"calibration data for a log quantizer must be >= 0, got min {host.min()}"
+            )
+        return jnp.asarray(host)
+    if not isinstance(arr, jax.core.Tracer):
+        if not bool(jnp.isfinite(arr).all()):
+            raise ValueError("calibration data contains NaN or Inf")
+        if nonnegative:
+            xmin = float(arr.min())
+            if xmin < 0:
+                raise ValueError(
+                    f"calibration data for a log quantizer must be >= 0, got min {xmin}"
+                )
+    return arr
+
+
+# ----------------------------------------------------------------------------
+# Building blocks (traceable).
+
+
+def _channels_first(x: jax.Array, axis: int | None) -> jax.Array:
+    """Returns ``(C, N)``: the kept axis first (C = 1 per tensor), the rest flattened."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def _lerp(a: jax.Array, b: jax.Array, t: float) -> jax.Array:
+    """NumPy's ``_lerp`` (used by ``np.quantile``) for a static weight ``t``."""
+    diff = b - a
+    if t >= 0.5:
+        return b - diff * np.float32(1.0 - t)
+    return a + diff * np.float32(t)
+
+
+def _quantiles(x2d: jax.Array, probs: tuple[float, ...]) -> jax.Array:
+    """Exact linear-interpolation quantiles along the last axis: ``(len(probs), C)``.
+
+    The interpolation positions ``(n - 1)·p`` are Python floats (double), as in
+    ``np.quantile``, so the result is exact for any ``n``.
+    """
+    n = x2d.shape[-1]
+    spots = []
+    for p in probs:
+        pos = (n - 1) * p
+        i = min(int(math.floor(pos)), n - 1)
+        j = min(i + 1, n - 1)
+        spots.append((p >= 0.5, i, j, pos - i))
+    k_top = max([n - i for upper, i, _, _ in spots if upper], default=0)
+    k_bot = max([j + 1 for upper, _, j, _ in spots if not upper], default=0)
+
+    if (k_top + k_bot) * _TOPK_FRACTION <= n:
+        # The barrier keeps XLA from rewriting "top_k, then slice" into a full sort.
+        top, bot = jax.lax.optimization_barrier(
+            (
+                jax.lax.top_k(x2d, k_top)[0] if k_top else None,  # descending
+                -jax.lax.top_k(-x2d, k_bot)[0] if k_bot else None,  # ascending
+            )
+        )
+
+        def order_stat(upper: bool, idx: int) -> jax.Array:
+            return top[:, n - 1 - idx] if upper else bot[:, idx]
+
+    else:
+        xs = jnp.sort(x2d, axis=-1)
+
+        def order_stat(upper: bool, idx: int) -> jax.Array:
+            del upper
+            return xs[:, idx]
+
+    out = [
+        _lerp(order_stat(upper, i), order_stat(upper, j), t) for upper, i, j, t in spots
+    ]
+    return jnp.stack(out)
+
+
+def _asymmetric_params(lo: jax.Array, hi: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)``, with the degenerate-range guard."""
+    levels = float(2**bits - 1)
+    span = hi - lo
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    ok = (span >= MIN_RANGE) & (span * _MAX_ZERO_POINT >= mag * levels)
+    scale = jnp.where(ok, span, jnp.maximum(mag, MIN_RANGE)) / levels
+    zero_point = jnp.round(-lo / scale)
+    return scale, jnp.where(zero_point == 0, 0.0, zero_point)  # no -0.0
+
+
+def _symmetric_scale(lo: jax.Array, hi: jax.Array, bits: int) -> jax.Array:
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return jnp.maximum(mag, MIN_RANGE) / float(2 ** (bits - 1) - 1)
+
+
+def _range_params(lo, hi, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+    if symmetric:
+        scale = _symmetric_scale(lo, hi, bits)
+        return scale, jnp.zeros_like(scale)
+    return _asymmetric_params(lo, hi, bits)
+
+
+def _uniform_mse(x2d, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
+    """Per-row MSE of the uniform fake quantizer with per-row ``(C,)`` params."""
+    xhat = quantizers._uniform_forward(x2d, scale[:, None], zero_point[:, None], qmin, qmax)
+    return jnp.mean(jnp.square(xhat - x2d), axis=-1)
+
+
+def _log_mse(x2d, scale, bits: int, sqrt2: bool) -> jax.Array:
+    codes = quantizers._log_codes(x2d, scale, bits, sqrt2)
+    xhat = quantizers._log_values(codes, scale, bits, sqrt2)
+    return jnp.mean(jnp.square(xhat - x2d))
+
+
+def _code_limits(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _finish(scale, zero_point, bits: int, axis: int | None, symmetric: bool) -> QuantParams:
+    if axis is None:
+        scale, zero_point = scale[0], zero_point[0]
+    if symmetric:
+        return quantizers.symmetric(scale, bits, axis=axis)
+    return quantizers.uniform(scale, zero_point, bits, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axis", "symmetric"))
+def _minmax_core(x, bits: int, axis: int | None, symmetric: bool):
+    x2d = _channels_first(x, axis)
+    return _range_params(x2d.min(axis=-1), x2d.max(axis=-1), bits, symmetric)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axis", "p", "symmetric"))
+def _percentile_core(x, bits: int, axis: int | None, p: float, symmetric: bool):
+    hi, lo = _quantiles(_channels_first(x, axis), (p, 1.0 - p))
+    return _range_params(lo, hi, bits, symmetric)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axis", "percentiles", "symmetric"))
+def _search_uniform_core(x, bits: int, axis: int | None, percentiles, symmetric: bool):
+    x2d = _channels_first(x, axis)
+    n_cand = len(percentiles)
+    q = _quantiles(x2d, percentiles + tuple(1.0 - p for p in percentiles))
+    scale, zero_point = _range_params(q[n_cand:], q[:n_cand], bits, symmetric)  # (P, C)
+    qmin, qmax = _code_limits(bits, symmetric)
+    mse = jnp.stack(
+        [_uniform_mse(x2d, scale[k], zero_point[k], qmin, qmax) for k in range(n_cand)]
+    )  # (P, C)
+    best = jnp.argmin(mse, axis=0)[None]
+    return (
+        jnp.take_along_axis(scale, best, axis=0)[0],
+        jnp.take_along_axis(zero_point, best, axis=0)[0],
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "percentiles", "sqrt2"))
+def _search_log_core(x, bits: int, percentiles, sqrt2: bool):
+    x2d = x.reshape(1, -1)
+    q = _quantiles(x2d, percentiles)[:, 0]  # (P,)
+    xmax = x2d.max()
+    scale = jnp.where(q > 0, q, jnp.where(xmax > 0, xmax, 1.0))
+    mse = jnp.stack([_log_mse(x2d, scale[k], bits, sqrt2) for k in range(len(percentiles))])
+    return scale[jnp.argmin(mse)]
+
+
+# ----------------------------------------------------------------------------
+# Public rules.
+
+
+def minmax(x, bits: int, axis: int | None = None, symmetric: bool = False) -> QuantParams:
+    """Fits a uniform quantizer to the full range ``[min(x), max(x)]``.
+
+    Asymmetric: ``s = (max - min)/(2^b - 1)``, ``z = round(-min/s)``.
+    Symmetric: ``s = max|x|/(2^(b-1) - 1)``, ``z = 0``.
+
+    Args:
+        x: observed values (concrete ``jax.Array`` or NumPy array).
+        bits: bit width in 2..16.
+        axis: channel axis to keep (per-channel quantizer); ``None`` per tensor.
+        symmetric: fit a ``"symmetric"`` instead of a ``"uniform"`` quantizer.
+
+    Returns:
+        The fitted :class:`QuantParams`.
+
+    Raises:
+        ValueError: empty data, NaN/Inf in the data, bits outside 2..16, bad axis.
+
+    Example:
+        >>> qp = minmax(np.array([-1.0, 0.0, 2.0]), bits=2)
+        >>> float(qp.scale), float(qp.zero_point)
+        (1.0, 1.0)
+    """
+    bits = quantizers._check_bits(bits)
+    x = _check_data(x)
+    axis = _check_axis(axis, x.ndim)
+    scale, zero_point = _minmax_core(x, bits, axis, bool(symmetric))
+    return _finish(scale, zero_point, bits, axis, symmetric)
+
+
+def percentile(
+    x, bits: int, p: float = 0.9999, axis: int | None = None, symmetric: bool = False
+) -> QuantParams:
+    """Fits a uniform quantizer to ``[quantile(x, 1-p), quantile(x, p)]``.
+
+    Quantiles use NumPy's default linear interpolation and are exact for
+    arrays of any size.
+
+    Args:
+        x: observed values (concrete ``jax.Array`` or NumPy array).
+        bits: bit width in 2..16.
+        p: upper percentile as a fraction in (0.5, 1] (1 is min-max).
+        axis: channel axis to keep (per-channel quantizer); ``None`` per tensor.
+        symmetric: fit a ``"symmetric"`` quantizer, ``s = max(|lo|, |hi|)/(2^(b-1) - 1)``.
+
+    Returns:
+        The fitted :class:`QuantParams`.
+
+    Raises:
+        ValueError: empty data, NaN/Inf, bits outside 2..16, p outside (0.5, 1].
+
+    Example:
+        >>> qp = percentile(np.arange(101.0), bits=8, p=0.99)
+        >>> round(float(qp.scale) * 255, 4)
+        98.0
+    """
+    bits = quantizers._check_bits(bits)
+    p = _check_percentile(p)
+    x = _check_data(x)
+    axis = _check_axis(axis, x.ndim)
+    scale, zero_point = _percentile_core(x, bits, axis, p, bool(symmetric))
+    return _finish(scale, zero_point, bits, axis, symmetric)
+
+
+def search_uniform(
+    x,
+    bits: int,
+    axis: int | None = None,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    symmetric: bool = False,
+) -> QuantParams:
+    """The RepQ-ViT rule: the percentile range with the lowest quantization MSE.
+
+    For each ``p``: ``hi = quantile(x, p)``, ``lo = quantile(x, 1-p)``,
+    ``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)`` (symmetric:
+    ``s = max(|lo|, |hi|)/(2^(b-1) - 1)``, ``z = 0``); the candidate with the
+    lowest mean squared error of :func:`~repquant_jax.quantizers.fake_quant`
+    wins, independently for each channel when ``axis`` is given (vectorized:
+    a ``(P, C)`` error table, argmin over ``P``).
+
+    Args:
+        x: observed values (concrete ``jax.Array`` or NumPy array).
+        bits: bit width in 2..16.
+        axis: channel axis to keep (per-channel quantizer); ``None`` per tensor.
+        percentiles: candidate upper percentiles, each in (0.5, 1].
+        symmetric: fit a ``"symmetric"`` instead of a ``"uniform"`` quantizer.
+
+    Returns:
+        The fitted :class:`QuantParams`.
+
+    Raises:
+        ValueError: empty data, NaN/Inf, bits outside 2..16, bad percentiles.
+
+    Example:
+        >>> x = np.random.default_rng(0).standard_t(2, size=4096).astype(np.float32)
+        >>> mse = lambda qp: float(quantization_mse(x, qp))
+        >>> mse(search_uniform(x, bits=4)) <= mse(minmax(x, bits=4))
+        True
+    """
+    bits = quantizers._check_bits(bits)
+    percentiles = _check_percentiles(percentiles)
+    x = _check_data(x)
+    axis = _check_axis(axis, x.ndim)
+    scale, zero_point = _search_uniform_core(x, bits, axis, percentiles, bool(symmetric))
+    return _finish(scale, zero_point, bits, axis, symmetric)
+
+
+def search_log_sqrt2(
+    x,
+    bits: int,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    kind: str = "log_sqrt2",
+) -> QuantParams:
+    """Fits a per-tensor log√2 (or log2) quantizer: ``s = quantile(x, p)``, lowest MSE.
+
+    Args:
+        x: observed non-negative values, e.g. softmax outputs (concrete
+            ``jax.Array`` or NumPy array).
+        bits: bit width in 2..16.
+        percentiles: candidate percentiles for the scale, each in (0.5, 1].
+        kind: ``"log_sqrt2"`` or ``"log2"``.
+
+    Returns:
+        The fitted per-tensor :class:`QuantParams` of the given kind.
+
+    Raises:
+        ValueError: empty data, NaN/Inf or negative values, bits outside 2..16,
+            bad percentiles, or another kind.
+
+    Example:
+        >>> attn = jax.nn.softmax(jax.random.normal(jax.random.key(0), (4, 16, 16)) * 3)
+        >>> qp = search_log_sqrt2(attn, bits=4)
+        >>> qp.kind, 0 < float(qp.scale) <= 1
+        ('log_sqrt2', True)
+    """
+    bits = quantizers._check_bits(bits)
+    if kind not in ("log_sqrt2", "log2"):
+        raise ValueError(f"kind must be 'log_sqrt2' or 'log2', got {kind!r}")
+    percentiles = _check_percentiles(percentiles)
+    x = _check_data(x, nonnegative=True)
+    scale = _search_log_core(x, bits, percentiles, kind == "log_sqrt2")
+    if kind == "log2":
+        return quantizers.log2(scale, bits)
+    return quantizers.log_sqrt2(scale, bits)
+
+
+def quantization_mse(x, qp: QuantParams, axis: int | None = None) -> jax.Array:
+    """Mean squared error of :func:`~repquant_jax.quantizers.fake_quant`.
+
+    Traceable (no value checks), so it can be used inside ``jax.jit``.
+
+    Args:
+        x: values to quantize.
+        qp: the quantizer.
+        axis: if given, the error is averaged over all other axes and returned
+            per index along ``axis``.
+
+    Returns:
+        A float32 scalar, or shape ``(x.shape[axis],)`` when ``axis`` is given.
+
+    Example:
+        >>> qp = quantizers.uniform(1.0, 0.0, bits=2)
+        >>> round(float(quantization_mse(np.array([0.0, 0.4]), qp)), 6)
+        0.08
+    """
+    x = jnp.asarray(x)
+    x32 = x.astype(jnp.float32)
+    err = jnp.square(quantizers.fake_quant(x32, qp) - x32)
+    if axis is None:
+        return jnp.mean(err)
+    axis = _check_axis(axis, x.ndim)
+    ax = axis % x.ndim
+    return jnp.mean(err, axis=tuple(d for d in range(x.ndim) if d != ax))

@@ -1,0 +1,630 @@
+"""Fake quantizers and integer codes: uniform, symmetric, log2 and log√2.
+
+A quantizer is described by a :class:`QuantParams` pytree (``scale`` and
+``zero_point`` are leaves; ``bits``, ``kind`` and ``axis`` are static). Three
+pure functions act on it:
+
+* :func:`quantize` maps real values to integer codes (``int32``),
+* :func:`dequantize` maps codes back to real values (``float32``),
+* :func:`fake_quant` is ``dequantize(quantize(x))`` with a straight-through
+  gradient, for use inside a model.
+
+Kinds (DESIGN §2.1), with ``s`` the scale, ``z`` the zero point, ``b`` the bits:
+
+* ``"uniform"`` (asymmetric): ``q = clip(round(x/s) + z, 0, 2^b - 1)``,
+  ``x̂ = (q - z)·s``. Rounding is half to even (:func:`jax.numpy.round`).
+* ``"symmetric"``: the same with ``z = 0`` and signed codes in
+  ``[-2^(b-1), 2^(b-1) - 1]``.
+* ``"log_sqrt2"`` (for values in ``[0, 1]``, e.g. softmax outputs):
+  ``q = round(-2·log2(x/s))``, ``x̂ = s·2^(-q/2)``.
+* ``"log2"``: ``q = round(-log2(x/s))``, ``x̂ = s·2^(-q)``.
+
+Uniform and symmetric quantizers are per tensor (``axis=None``, scalar scale)
+or per channel (``scale`` and ``zero_point`` of shape ``(C,)`` broadcast along
+``axis`` of ``x``; negative axes count from the end of ``x``).
+
+Design decisions:
+
+* **Reserved zero code for the log kinds.** The top code ``2^b - 1`` is
+  reserved for an exact zero; the nonzero levels are the codes
+  ``0 .. 2^b - 2``. ``x <= 0`` and any positive ``x`` whose rounded code would
+  exceed ``2^b - 2`` (underflow) get the code ``2^b - 1``, which dequantizes to
+  exactly ``0.0``; values above ``s`` clip to code 0. This makes the zeros of a
+  causal mask exactly representable by an integer code and makes
+  ``quantize``/``dequantize`` a true encode/decode pair:
+  ``quantize(dequantize(q)) == q`` for every code whose level is a normal
+  float32 number. Levels with ``e > 126`` or ``s·2^-e`` below float32's
+  normal range (only log2 from 7 bits and log√2 from 8 bits reach them)
+  dequantize to 0 and are never produced by :func:`quantize`, which sends such
+  an underflow to the zero code too. ``x <= 0`` goes through a
+  safe argument before ``log2``, so neither the forward nor the backward pass
+  produces NaN or Inf at ``x = 0``. NaN inputs are not supported.
+* **Exact powers of two.** Log-kind values are built as ``s·c·2^(-e)`` with
+  the power of two assembled bit-exactly (not through ``exp2``), so that the
+  shift-and-add form of :func:`log_sqrt2_matmul_shift_add` multiplies by the
+  very same numbers.
+* **Gradients.** :func:`fake_quant` of the uniform kinds uses the *clipped*
+  straight-through estimator: ``∂x̂/∂x = 1`` for ``x`` in the closed clipping
+  range ``[(qmin - z)·s, (qmax - z)·s]`` and 0 outside. The forward value is
+  exactly ``dequantize(quantize(x))`` (no ``x + (x̂ - x)`` rounding). Scale and
+  zero point receive the LSQ gradients (``∂x̂/∂s = round(x/s) - x/s`` inside,
+  ``qmax - z`` / ``qmin - z`` above / below; ``∂x̂/∂z = 0`` inside, ``-s``
+  outside), so clipping ranges can be learned with optax; wrap them in
+  :func:`jax.lax.stop_gradient` to treat them as constants. The log kinds use
+  the plain identity STE (``∂x̂/∂x = 1``, no gradient to the scale).
+* **Validation.** Constructors raise ``ValueError`` for bits outside 2..16,
+  badly shaped scales or zero points, and (when the scale is concrete, i.e. not
+  traced under ``jit``) non-positive or non-finite scales. :func:`quantize` and
+  friends check static fields and per-channel shapes, so every function stays
+  jit-able.
+* **Zero points** are integer-valued ``float32``. They are not clipped to the
+  code range (RepQ-ViT does not clip them). A non-integer zero point (e.g.
+  RepQ-ViT's unrounded-mean fold) is accepted: :func:`fake_quant` then follows
+  RepQ-ViT's float formula, but :func:`quantize` codes are only meaningful for
+  integer zero points.
+* **dtypes.** Computation is in ``float32`` (or wider); :func:`fake_quant`
+  returns ``x``'s floating dtype.
+* **jit.** The ops are wrapped in :func:`jax.jit` (like ``jax.numpy``
+  functions), so an eager call compiles one small program per shape instead of
+  dispatching some forty primitives; inside a user's ``jit`` they inline.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from repquant_jax import quantizers as qz
+    >>> qp = qz.uniform(scale=0.5, zero_point=2.0, bits=4)
+    >>> qz.quantize(jnp.array([-1.0, 0.26, 100.0]), qp)
+    Array([ 0,  3, 15], dtype=int32)
+    >>> qz.fake_quant(jnp.array([-1.0, 0.26, 100.0]), qp)
+    Array([-1. ,  0.5,  6.5], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+__all__ = [
+        "KINDS",
+        "Kind",
+        "QuantParams",
+        "code_range",
+        "dequantize",
+        "fake_quant",
+        "log2",
+        "log_sqrt2",
+        "log_sqrt2_matmul_shift_add",
+        "log_sqrt2_to_log2_terms",
+        "quantize",
+        "symmetric",
+        "uniform",
+]
+
+Kind = Literal["uniform", "symmetric", "log2", "log_sqrt2"]
+KINDS: tuple[str, ...] = ("uniform", "symmetric", "log2", "log_sqrt2")
+MIN_BITS = 2
+MAX_BITS = 16
+
+_UNIFORM_KINDS = ("uniform", "symmetric")
+_SQRT2 = math.sqrt(2.0)
+
+
+@struct.dataclass
+class QuantParams:
+    """Parameters of one fake quantizer (a pytree: scale/zero_point are leaves).
+
+    Build it with :func:`uniform`, :func:`symmetric`, :func:`log2` or
+    :func:`log_sqrt2`, which validate their arguments; the raw constructor does
+    not (it is also what ``jax.tree_util`` uses to rebuild the pytree).
+
+    Attributes:
+        scale: ``()`` per tensor, or ``(C,)`` per channel. Positive.
+        zero_point: same shape as ``scale``; integer-valued ``float32`` (0 for the
+            symmetric and log kinds).
+        bits: bit width, 2..16 (static).
+        kind: one of :data:`KINDS` (static).
+        axis: channel axis of ``x`` for per-channel quantizers; ``None`` for per
+            tensor (static).
+
+    Example:
+        >>> qp = symmetric(scale=jnp.array([0.1, 0.2]), bits=8, axis=-1)
+        >>> code_range(qp)
+        (-128, 127)
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array
+    bits: int = struct.field(pytree_node=False)
+    kind: str = struct.field(pytree_node=False, default="uniform")
+    axis: int | None = struct.field(pytree_node=False, default=None)
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers.
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"bits must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    return int(bits)
+
+
+def _check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {KINDS}")
+    return kind
+
+
+def _check_axis(axis) -> int | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"axis must be an int or None, got {axis!r}")
+    return int(axis)
+
+
+def _check_scale(scale: jax.Array) -> None:
+    if not _is_concrete(scale):
+        return
+    s = np.asarray(scale)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"scale must be finite, got {s if s.size <= 8 else 'non-finite entries'}")
+    if np.any(s <= 0):
+        raise ValueError(f"scale must be positive, got min(scale) = {s.min()}")
+
+
+def _check_param_shapes(scale: jax.Array, zero_point: jax.Array, axis: int | None) -> None:
+    if axis is None and scale.ndim != 0:
+        raise ValueError(
+            f"a per-tensor quantizer (axis=None) needs a scalar scale, got shape {scale.shape}"
+        )
+    if axis is not None and scale.ndim != 1:
+        raise ValueError(
+            f"a per-channel quantizer (axis={axis}) needs a scale of shape (C,), "
+            f"got shape {scale.shape}"
+        )
+    if zero_point.shape != scale.shape:
+        raise ValueError(
+            f"zero_point shape {zero_point.shape} does not match scale shape {scale.shape}"
+        )
+
+
+def _check_static(qp: QuantParams) -> None:
+    _check_bits(qp.bits)
+    _check_kind(qp.kind)
+    _check_axis(qp.axis)
+
+
+def _as_f32(a) -> jax.Array:
+    return jnp.asarray(a, dtype=jnp.float32)
+
+
+def _make(scale, zero_point, bits, kind, axis) -> QuantParams:
+    bits = _check_bits(bits)
+    axis = _check_axis(axis)
+    scale = _as_f32(scale)
+    zero_point = _as_f32(zero_point)
+    _check_param_shapes(scale, zero_point, axis)
+    _check_scale(scale)
+    return QuantParams(scale=scale, zero_point=zero_point, bits=bits, kind=kind, axis=axis)
+
+
+# ----------------------------------------------------------------------------
+# Constructors.
+
+
+def uniform(scale, zero_point, bits: int, axis: int | None = None) -> QuantParams:
+    """Asymmetric uniform quantizer ``q = clip(round(x/s) + z, 0, 2^b - 1)``.
+
+    Args:
+        scale: positive scale, ``()`` or ``(C,)``.
+        zero_point: integer-valued zero point, same shape as ``scale``.
+        bits: bit width in 2..16.
+        axis: channel axis of ``x`` for per-channel ``(C,)`` parameters.
+
+    Returns:
+        A validated :class:`QuantParams` of kind ``"uniform"``.
+
+    Raises:
+        ValueError: bad bits, shapes, or a non-positive / non-finite concrete scale.
+
+    Example:
+        >>> qp = uniform(jnp.array([0.1, 1.0]), jnp.array([3.0, 0.0]), bits=8, axis=1)
+        >>> quantize(jnp.array([[0.5, 2.0]]), qp)
+        Array([[8, 2]], dtype=int32)
+    """
+    return _make(scale, zero_point, bits, "uniform", axis)
+
+
+def symmetric(scale, bits: int, axis: int | None = None) -> QuantParams:
+    """Symmetric uniform quantizer: ``z = 0``, codes in ``[-2^(b-1), 2^(b-1) - 1]``.
+
+    Args:
+        scale: positive scale, ``()`` or ``(C,)``.
+        bits: bit width in 2..16.
+        axis: channel axis of ``x`` for per-channel ``(C,)`` scales.
+
+    Returns:
+        A validated :class:`QuantParams` of kind ``"symmetric"``.
+
+    Example:
+        >>> quantize(jnp.array([-1.0, 0.3, 9.0]), symmetric(0.1, bits=4))
+        Array([-8,  3,  7], dtype=int32)
+    """
+    scale = _as_f32(scale)
+    return _make(scale, jnp.zeros_like(scale), bits, "symmetric", axis)
+
+
+def log2(scale, bits: int) -> QuantParams:
+    """Per-tensor log2 quantizer ``q = round(-log2(x/s))``, ``x̂ = s·2^(-q)``.
+
+    The code ``2^b - 1`` is reserved for exact zero (see the module docstring).
+
+    Args:
+        scale: positive scalar scale (the largest representable value).
+        bits: bit width in 2..16.
+
+    Returns:
+        A validated :class:`QuantParams` of kind ``"log2"``.
+
+    Example:
+        >>> fake_quant(jnp.array([1.0, 0.3, 0.0]), log2(1.0, bits=4))
+        Array([1.  , 0.25, 0.  ], dtype=float32)
+    """
+    scale = _as_f32(scale)
+    return _make(scale, jnp.zeros_like(scale), bits, "log2", None)
+
+
+def log_sqrt2(scale, bits: int) -> QuantParams:
+    """Per-tensor log√2 quantizer ``q = round(-2·log2(x/s))``, ``x̂ = s·2^(-q/2)``.
+
+    The code ``2^b - 1`` is reserved for exact zero (see the module docstring).
+
+    Args:
+        scale: positive scalar scale (the largest representable value).
+        bits: bit width in 2..16.
+
+    Returns:
+        A validated :class:`QuantParams` of kind ``"log_sqrt2"``.
+
+    Example:
+        >>> quantize(jnp.array([1.0, 0.5, 0.0]), log_sqrt2(1.0, bits=4))
+        Array([ 0,  2, 15], dtype=int32)
+    """
+    scale = _as_f32(scale)
+    return _make(scale, jnp.zeros_like(scale), bits, "log_sqrt2", None)
+
+
+def code_range(qp: QuantParams) -> tuple[int, int]:
+    """Returns the integer code range ``(qmin, qmax)`` of a quantizer.
+
+    For the log kinds ``qmax = 2^b - 1`` is the reserved exact-zero code.
+
+    Example:
+        >>> code_range(symmetric(1.0, bits=8)), code_range(log2(1.0, bits=3))
+        ((-128, 127), (0, 7))
+    """
+    bits = _check_bits(qp.bits)
+    kind = _check_kind(qp.kind)
+    if kind == "symmetric":
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+# ----------------------------------------------------------------------------
+# Kernels.
+
+
+def _broadcast_param(p: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    """Reshapes a ``()`` or ``(C,)`` parameter to broadcast against ``shape``."""
+    p = _as_f32(p)
+    if axis is None:
+        if p.ndim != 0:
+            raise ValueError(
+                f"a per-tensor quantizer (axis=None) needs a scalar scale, got shape {p.shape}"
+            )
+        return p
+    ndim = len(shape)
+    ax = axis + ndim if axis < 0 else axis
+    if not 0 <= ax < ndim:
+        raise ValueError(f"quantizer axis {axis} is out of range for x of shape {shape}")
+    if p.shape != (shape[ax],):
+        raise ValueError(
+            f"per-channel scale has shape {p.shape} but x.shape[{axis}] = {shape[ax]}"
+        )
+    bshape = [1] * ndim
+    bshape[ax] = shape[ax]
+    return p.reshape(bshape)
+
+
+def _compute_dtype(x: jax.Array):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.float32
+
+
+def _prepare(x, qp: QuantParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    _check_static(qp)
+    x = jnp.asarray(x)
+    xc = x.astype(_compute_dtype(x))
+    s = _broadcast_param(qp.scale, x.shape, qp.axis)
+    z = _broadcast_param(qp.zero_point, x.shape, qp.axis)
+    return xc, s, z
+
+
+def _uniform_codes(x, s, z, qmin: int, qmax: int) -> jax.Array:
+    """Float-valued uniform codes ``clip(round(x/s) + z, qmin, qmax)``."""
+    return jnp.clip(jnp.round(x / s) + z, qmin, qmax)
+
+
+def _uniform_forward(x, s, z, qmin: int, qmax: int) -> jax.Array:
+    return (_uniform_codes(x, s, z, qmin, qmax) - z) * s
+
+
+def _log_codes(x, s, bits: int, sqrt2: bool) -> jax.Array:
+    """Float-valued log codes, with ``2^b - 1`` reserved for exact zero."""
+    zero_code = float(2**bits - 1)
+    v = x / s
+    positive = v > 0  # False for x <= 0, for x/s underflowing to 0, and for NaN.
+    safe = jnp.where(positive, v, 1.0)  # keeps log2 (and its gradient) finite
+    level = -jnp.log2(safe)
+    if sqrt2:
+        level = 2.0 * level
+    r = jnp.maximum(jnp.round(level), 0.0)  # values above s clip to code 0
+    r = jnp.where(positive & (r < zero_code), r, zero_code)
+    # A level whose value underflows float32 (it would dequantize to 0) is an
+    # underflow too: send it to the exact-zero code, so that codes round-trip.
+    underflow = _log_values(r, s, bits, sqrt2) <= 0
+    return jnp.where(underflow, zero_code, r)
+
+
+def _pow2_neg(e: jax.Array) -> jax.Array:
+    """Exact float32 ``2^(-e)`` for integer ``e`` (0 below the normal range)."""
+    e = e.astype(jnp.int32)
+    ec = jnp.clip(e, -127, 126)
+    bits = jax.lax.shift_left(127 - ec, jnp.int32(23))
+    p = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.where(e > 126, 0.0, p).astype(jnp.float32)
+
+
+def _log_values(codes: jax.Array, s: jax.Array, bits: int, sqrt2: bool) -> jax.Array:
+    codes = codes.astype(jnp.int32)
+    zero = codes == 2**bits - 1
+    if sqrt2:
+        e, odd = log_sqrt2_to_log2_terms(codes)
+        mult = s * jnp.where(odd, jnp.float32(_SQRT2), jnp.float32(1.0))
+    else:
+        e, mult = codes, s
+    return jnp.where(zero, 0.0, mult * _pow2_neg(e)).astype(jnp.float32)
+
+
+def _zero_valued(g: jax.Array) -> jax.Array:
+    """``g - stop_gradient(g)``: exactly 0 in the forward pass, gradient of ``g``."""
+    return g - jax.lax.stop_gradient(g)
+
+
+def _fake_quant_uniform(x, s, z, qmin: int, qmax: int) -> jax.Array:
+    """Uniform fake quant: exact forward, clipped STE for x, LSQ for s and z.
+
+    Built from ``stop_gradient`` only (no ``custom_jvp``), so the gradient
+    survives any re-tracing that inlines custom-derivative primitives.
+    """
+    sg = jax.lax.stop_gradient
+    y = _uniform_forward(x, s, z, qmin, qmax)
+    x0, s0, z0 = sg(x), sg(s), sg(z)
+    v = x0 / s0
+    lo = (qmin - z0) * s0
+    hi = (qmax - z0) * s0
+    inside = (x0 >= lo) & (x0 <= hi)
+    above = x0 > hi
+    # Inside: d/dx = 1, d/ds = round(v) - v (LSQ), d/dz = 0. The coefficient is
+    # zeroed outside so that no Inf/NaN can leak into a masked gradient.
+    c = jnp.where(inside, jnp.round(v) - v, 0.0)
+    g_inside = x + c * s
+    g_outside = (jnp.where(above, float(qmax), float(qmin)) - z) * s
+    g = jnp.where(inside, g_inside, g_outside)
+    return sg(y) + _zero_valued(g)
+
+
+def _fake_quant_log(x, s, bits: int, sqrt2: bool) -> jax.Array:
+    """Log fake quant with an identity STE for x (no gradient to s)."""
+    sg = jax.lax.stop_gradient
+    y = _log_values(_log_codes(sg(x), sg(s), bits, sqrt2), sg(s), bits, sqrt2)
+    t = jnp.where(jnp.isfinite(sg(x)), x, 0.0)
+    return y.astype(x.dtype) + _zero_valued(t)
+
+
+# ----------------------------------------------------------------------------
+# Public ops.
+
+
+@jax.jit
+def quantize(x, qp: QuantParams) -> jax.Array:
+    """Maps values to integer codes.
+
+    Args:
+        x: array to quantize. Per-channel parameters broadcast along ``qp.axis``.
+        qp: quantizer parameters.
+
+    Returns:
+        ``int32`` codes inside :func:`code_range`, with ``x``'s shape.
+
+    Raises:
+        ValueError: unknown kind, bad bits, or per-channel parameters whose length
+            does not match ``x.shape[qp.axis]``.
+
+    Example:
+        >>> quantize(jnp.array([0.0, 0.12, 0.5]), uniform(0.1, 2.0, bits=3))
+        Array([2, 3, 7], dtype=int32)
+    """
+    x, s, z = _prepare(x, qp)
+    if qp.kind in _UNIFORM_KINDS:
+        qmin, qmax = code_range(qp)
+        codes = _uniform_codes(x, s, z, qmin, qmax)
+    else:
+        codes = _log_codes(x, s, qp.bits, qp.kind == "log_sqrt2")
+    return codes.astype(jnp.int32)
+
+
+@jax.jit
+def dequantize(codes, qp: QuantParams) -> jax.Array:
+    """Maps integer codes back to real values.
+
+    Args:
+        codes: integer codes (e.g. from :func:`quantize`).
+        qp: quantizer parameters.
+
+    Returns:
+        ``float32`` values: ``(q - z)·s`` for the uniform kinds; ``s·2^(-q)`` or
+        ``s·2^(-q/2)`` for the log kinds, with the reserved code ``2^b - 1`` giving
+        exactly 0.
+
+    Example:
+        >>> dequantize(jnp.array([0, 1, 15]), log_sqrt2(1.0, bits=4))
+        Array([1.        , 0.70710677, 0.        ], dtype=float32)
+    """
+    _check_static(qp)
+    codes = jnp.asarray(codes)
+    s = _broadcast_param(qp.scale, codes.shape, qp.axis)
+    if qp.kind in _UNIFORM_KINDS:
+        z = _broadcast_param(qp.zero_point, codes.shape, qp.axis)
+        return ((codes.astype(jnp.float32) - z) * s).astype(jnp.float32)
+    return _log_values(codes, s, qp.bits, qp.kind == "log_sqrt2")
+
+
+@jax.jit
+def fake_quant(x, qp: QuantParams) -> jax.Array:
+    """Quantize-dequantize with a straight-through gradient.
+
+    The forward value is exactly ``dequantize(quantize(x, qp), qp)`` (cast to
+    ``x``'s floating dtype). For the uniform kinds the gradient is the clipped
+    STE (1 inside ``[(qmin - z)·s, (qmax - z)·s]``, 0 outside) and the scale and
+    zero point get LSQ gradients; for the log kinds it is the identity STE.
+
+    Args:
+        x: array to fake-quantize.
+        qp: quantizer parameters.
+
+    Returns:
+        An array with ``x``'s shape and floating dtype (``float32`` for integer x).
+
+    Example:
+        >>> qp = uniform(1.0, 0.0, bits=2)  # levels 0, 1, 2, 3
+        >>> jax.grad(lambda x: fake_quant(x, qp).sum())(jnp.array([-0.5, 1.2, 3.0, 4.0]))
+        Array([0., 1., 1., 0.], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    xc, s, z = _prepare(x, qp)
+    if qp.kind in _UNIFORM_KINDS:
+        qmin, qmax = code_range(qp)
+        y = _fake_quant_uniform(xc, s.astype(xc.dtype), z.astype(xc.dtype), qmin, qmax)
+    else:
+        y = _fake_quant_log(xc, s.astype(xc.dtype), qp.bits, qp.kind == "log_sqrt2")
+    return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# log√2 -> log2 reparameterization (DESIGN §2.5).
+
+
+@jax.jit
+def log_sqrt2_to_log2_terms(codes) -> tuple[jax.Array, jax.Array]:
+    """Splits log√2 codes into a power-of-two exponent and a parity mask.
+
+    With ``e = ceil(q/2)`` and ``odd = q % 2 == 1``,
+    ``x̂ = s·2^(-q/2) = s·2^(-e)·(√2 if odd else 1)``: a log2 quantizer whose
+    scale is ``s`` or ``√2·s`` depending on the code's parity. The reserved
+    exact-zero code ``2^b - 1`` is odd; callers must mask it themselves
+    (:func:`log_sqrt2_matmul_shift_add` does).
+
+    Args:
+        codes: non-negative integer log√2 codes.
+
+    Returns:
+        ``(exponent, odd_mask)``: ``int32`` exponents and a boolean mask.
+
+    Example:
+        >>> log_sqrt2_to_log2_terms(jnp.array([0, 1, 2, 3]))
+        (Array([0, 1, 1, 2], dtype=int32), Array([False,  True, False,  True], dtype=bool))
+    """
+    codes = jnp.asarray(codes).astype(jnp.int32)
+    return (codes + 1) // 2, (codes % 2) == 1
+
+
+@jax.jit
+def log_sqrt2_matmul_shift_add(
+    attn_codes, qp_attn: QuantParams, v_codes, qp_v: QuantParams
+) -> jax.Array:
+    """Computes ``attn @ V`` from codes with two shift-and-add accumulators.
+
+    Implements DESIGN §2.5:
+    ``s·s_v·(Σ_j (V_int - z_v)_j·2^(-e_ij)
+    + (√2 - 1)·Σ_{j: q_ij odd} (V_int - z_v)_j·2^(-e_ij))``.
+    The powers of two are exact float32 numbers here (an integer path would
+    shift instead); reserved zero codes contribute nothing. The result equals
+    ``fake_quant(attn) @ fake_quant(V)`` up to float rounding.
+
+    Args:
+        attn_codes: log√2 codes of shape ``(..., i, j)``.
+        qp_attn: the per-tensor ``"log_sqrt2"`` quantizer of ``attn``.
+        v_codes: uniform codes of shape ``(..., j, d)``.
+        qp_v: a uniform or symmetric quantizer of ``V``, per tensor or per channel
+            along the last axis ``d``.
+
+    Returns:
+        ``float32`` array ``(..., i, d)``, like
+        ``jnp.einsum('...ij,...jd->...id', attn, v)``.
+
+    Raises:
+        ValueError: wrong quantizer kinds, or ``qp_v`` per channel along an axis
+            other than the last one.
+
+    Example:
+        >>> qa, qv = log_sqrt2(1.0, bits=4), uniform(0.1, 8.0, bits=4)
+        >>> a, v = jnp.array([[1.0, 0.0]]), jnp.array([[0.5], [0.2]])
+        >>> log_sqrt2_matmul_shift_add(quantize(a, qa), qa, quantize(v, qv), qv)
+        Array([[0.5]], dtype=float32)
+    """
+    _check_static(qp_attn)
+    _check_static(qp_v)
+    if qp_attn.kind != "log_sqrt2" or qp_attn.axis is not None:
+        raise ValueError(
+            "attn quantizer must be a per-tensor 'log_sqrt2' quantizer, "
+            f"got kind={qp_attn.kind!r}, axis={qp_attn.axis}"
+        )
+    if qp_v.kind not in _UNIFORM_KINDS:
+        raise ValueError(f"V quantizer must be 'uniform' or 'symmetric', got {qp_v.kind!r}")
+    attn_codes = jnp.asarray(attn_codes).astype(jnp.int32)
+    v_codes = jnp.asarray(v_codes)
+    if qp_v.axis is not None and qp_v.axis not in (-1, v_codes.ndim - 1):
+        raise ValueError(
+            "V quantizer must be per tensor or per channel along the last axis, "
+            f"got axis={qp_v.axis}"
+        )
+    s_v = _broadcast_param(qp_v.scale, v_codes.shape, qp_v.axis)
+    z_v = _broadcast_param(qp_v.zero_point, v_codes.shape, qp_v.axis)
+    v_centered = v_codes.astype(jnp.float32) - z_v
+    s_a = _broadcast_param(qp_attn.scale, attn_codes.shape, None)
+
+    nonzero = attn_codes != 2**qp_attn.bits - 1
+    e, odd = log_sqrt2_to_log2_terms(attn_codes)
+    p_all = jnp.where(nonzero, _pow2_neg(e), 0.0)
+    p_odd = jnp.where(nonzero & odd, p_all, 0.0)
+    mm = functools.partial(
+        jnp.einsum, "...ij,...jd->...id", precision=jax.lax.Precision.HIGHEST
+    )
+    acc = mm(p_all, v_centered) + jnp.float32(_SQRT2 - 1.0) * mm(p_odd, v_centered)
+    s_out = s_a * (s_v if qp_v.axis is None else s_v.reshape(-1))
+    return (s_out * acc).astype(jnp.float32)
