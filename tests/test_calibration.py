@@ -251,6 +251,13 @@ def test_more_than_2_pow_24_elements():
     assert float(qp.zero_point) == np.round(-lo / ((hi - lo) / 255))
     searched = cal.search_uniform(x, 4)
     assert float(searched.scale) < (x.max() - x.min()) / 15 / 4
+    # An interpolation position past 2^24 is kept exactly (float32 would round it
+    # to an even index: jnp.quantile returns 0.0 here).
+    k = n - 2001
+    step = np.zeros(n, np.float32)
+    step[k + 1 :] = 1000.0
+    p = (k + 0.5) / (n - 1)
+    assert float(cal._quantiles(jnp.asarray(step)[None], (p,))[0, 0]) == np.quantile(step, p) == 500.0
 
 
 # ----------------------------------------------------------------------------
