@@ -138,7 +138,11 @@ class QuantConfig:
       reconstruction: learn weight rounding after the fold.
       rules: per-site overrides, first match wins.
       seed: seeds every random choice (subsampling, learning).
-      max_calibration_values: cap on the values kept per site to estimate quantiles.
+      calibration_chunk: calibration batches evaluated side by side. Memory grows with
+        it; more batches are streamed through in further chunks. The learned steps and
+        the report use the first chunk.
+      max_calibration_values: values (or rows × channels) each site keeps, as a uniform
+        random sample, to fit its quantizer; below the cap the fit is exact.
     """
 
     w_bits: int = 4
@@ -158,7 +162,8 @@ class QuantConfig:
     reconstruction: Reconstruction | None = None
     rules: tuple[Rule, ...] = ()
     seed: int = 0
-    max_calibration_values: int = 1 << 24
+    calibration_chunk: int = 16
+    max_calibration_values: int = 1 << 22
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -172,6 +177,8 @@ class QuantConfig:
         _check_choice("softmax_quantizer", self.softmax_quantizer, ("uniform", "log2", "log_sqrt2"))
         if not 0.5 < self.percentile <= 1.0:
             raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+        if self.calibration_chunk < 1:
+            raise ValueError(f"calibration_chunk must be >= 1, got {self.calibration_chunk}")
         if self.max_calibration_values < 1024:
             raise ValueError(f"max_calibration_values must be >= 1024, got {self.max_calibration_values}")
         if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):

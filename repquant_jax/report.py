@@ -25,6 +25,8 @@ class SiteReport:
       mse: mean squared quantization error on the calibration data (activations).
       relative_mse: ``mse`` over the mean square of the values.
       note: what the fold did, if anything.
+      values_kept, values_seen: calibration values the quantizer was fitted to, and all
+        values observed over the calibration stream (activations).
     """
 
     name: str
@@ -36,14 +38,20 @@ class SiteReport:
     mse: float | None
     relative_mse: float | None
     note: str
+    values_kept: int | None = None
+    values_seen: int | None = None
 
     @classmethod
-    def make(cls, name, role, spec: SiteSpec, qp: qz.QuantParams | None, mse, rel, note) -> SiteReport:
+    def make(cls, name, role, spec: SiteSpec, qp: qz.QuantParams | None, mse, rel, note, samples=None) -> SiteReport:
+        kept, seen = samples if samples is not None else (None, None)
         if qp is None:
-            return cls(name, role, 0, "float", None, None, None, None, note or ("skipped by rule" if spec.skip else ""))
+            note = note or ("skipped by rule" if spec.skip else "")
+            return cls(name, role, 0, "float", None, None, None, None, note, kept, seen)
         scale = np.asarray(qp.scale)
         granularity = "per_tensor" if qp.axis is None else "per_channel"
-        return cls(name, role, qp.bits, f"{qp.kind} {granularity}", float(scale.min()), float(scale.max()), mse, rel, note)
+        return cls(
+            name, role, qp.bits, f"{qp.kind} {granularity}", float(scale.min()), float(scale.max()), mse, rel, note, kept, seen
+        )
 
 
 @dataclasses.dataclass(frozen=True)

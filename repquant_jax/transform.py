@@ -70,35 +70,76 @@ class _Progress:
 # Inputs
 
 
-def _as_batches(calib_batches: Iterable[Any]) -> list[tuple[Any, ...]]:
-    """Materializes the calibration iterable as a list of tuples of inputs."""
-    if calib_batches is None:
-        raise ValueError("calib_batches is None: pass an iterable of calibration batches")
-    batches = []
-    for item in calib_batches:
-        batches.append(tuple(item) if isinstance(item, (tuple, list)) else (item,))
-    if not batches:
-        raise ValueError("calib_batches is empty: at least one calibration batch is needed")
-    first = jax.tree_util.tree_structure(batches[0])
-    shapes0 = [(np.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(batches[0])]
-    for b, batch in enumerate(batches):
-        if jax.tree_util.tree_structure(batch) != first:
-            raise ValueError(
-                f"calibration batch {b} has structure {jax.tree_util.tree_structure(batch)}, "
-                f"batch 0 has {first}"
-            )
-        leaves = jax.tree_util.tree_leaves(batch)
+class _BatchStream:
+    """Reads calibration batches lazily, in chunks, checking each against the first."""
+
+    def __init__(self, calib_batches: Iterable[Any]):
+        if calib_batches is None:
+            raise ValueError("calib_batches is None: pass an iterable of calibration batches")
+        self._iter = iter(calib_batches)
+        self.count = 0
+        self._signature = None
+
+    def chunk(self, size: int) -> list[tuple[Any, ...]]:
+        """Up to ``size`` more batches (empty at the end)."""
+        out = []
+        for item in self._iter:
+            batch = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+            self._check(batch)
+            out.append(batch)
+            self.count += 1
+            if len(out) == size:
+                break
+        if not out and self.count == 0:
+            raise ValueError("calib_batches is empty: at least one calibration batch is needed")
+        return out
+
+    def _check(self, batch: tuple[Any, ...]) -> None:
+        b = self.count
+        leaves, treedef = jax.tree_util.tree_flatten(batch)
         shapes = [(np.shape(x), jnp.result_type(x)) for x in leaves]
-        if shapes != shapes0:
+        if self._signature is None:
+            self._signature = (treedef, shapes)
+        elif treedef != self._signature[0]:
+            raise ValueError(f"calibration batch {b} has structure {treedef}, batch 0 has {self._signature[0]}")
+        elif shapes != self._signature[1]:
             raise ValueError(
-                f"calibration batch {b} has input shapes/dtypes {shapes}, batch 0 has {shapes0}; "
+                f"calibration batch {b} has input shapes/dtypes {shapes}, batch 0 has {self._signature[1]}; "
                 "all calibration batches must have the same shapes (pad them to one length)"
             )
         for i, leaf in enumerate(leaves):
             arr = np.asarray(leaf)
             if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
                 raise ValueError(f"calibration batch {b}, input {i} contains NaN or Inf")
-    return batches
+
+
+class Reservoir:
+    """A uniform random sample of at most ``cap`` values (or rows) of a stream.
+
+    Bottom-k sampling: every value gets a random key and the ``cap`` smallest keys are
+    kept, which is an exact uniform sample without replacement of everything seen.
+    """
+
+    def __init__(self, cap: int, rng: np.random.Generator):
+        self.cap = cap
+        self.rng = rng
+        self.data: np.ndarray | None = None
+        self._keys: np.ndarray | None = None
+        self.seen = 0  # values, not rows
+
+    def add(self, values: np.ndarray) -> None:
+        """Adds values: a flat array, or ``[rows, C]`` (whole rows are kept)."""
+        row_size = int(np.prod(values.shape[1:]))
+        keep = max(1, self.cap // row_size)
+        keys = self.rng.random(values.shape[0])
+        self.seen += values.size
+        if self.data is not None:
+            values = np.concatenate([self.data, values])
+            keys = np.concatenate([self._keys, keys])
+        if values.shape[0] > keep:
+            index = np.sort(np.argpartition(keys, keep - 1)[:keep])
+            values, keys = values[index], keys[index]
+        self.data, self._keys = values, keys
 
 
 def _check_params(params: Any) -> None:
@@ -169,12 +210,11 @@ def resolve_specs(plan: Plan, config: QuantConfig, *, warn_unused: bool = True) 
 # Calibration
 
 
-def _subsample(x: np.ndarray, cap: int, rng: np.random.Generator, row_size: int = 1) -> np.ndarray:
-    """At most ``cap`` values (whole rows of ``row_size``), chosen at random."""
-    if x.size <= cap:
+def _subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``rows`` rows of ``x``, chosen at random."""
+    if x.shape[0] <= rows:
         return x
-    keep = max(1, cap // row_size)
-    return x[np.sort(rng.choice(x.shape[0], size=keep, replace=False))]
+    return x[np.sort(rng.choice(x.shape[0], size=rows, replace=False))]
 
 
 def calibrate_values(values: np.ndarray, spec: SiteSpec, config: QuantConfig, axis: int | None) -> qz.QuantParams:
@@ -210,13 +250,12 @@ def fake_quant_weight(view, qp: qz.QuantParams, contracting: tuple[int, ...]):
     return weight_from_matrix(qz.fake_quant(matrix, qp), view.shape, contracting)
 
 
-def _point_values(values: list, spec: SiteSpec, cap: int, rng) -> np.ndarray:
+def _point_values(values: list, spec: SiteSpec) -> np.ndarray:
+    """A site's observed values over a chunk: flat, or ``[rows, C]`` for per channel."""
     if spec.granularity == "per_channel":
         channels = np.shape(values[0])[-1]
-        rows = np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
-        return _subsample(rows, cap, rng, channels)
-    flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
-    return _subsample(flat, cap, rng)
+        return np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
+    return np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
 
 
 def quant_hooks(graph: Graph, plan: Plan, qparams: QParams) -> tuple[dict, dict]:
@@ -348,26 +387,26 @@ def transform(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (see repquant_jax.presets), got {type(config).__name__}")
     progress = _Progress(verbose)
-    batches = _as_batches(calib_batches)
+    stream = _BatchStream(calib_batches)
+    chunk = stream.chunk(config.calibration_chunk)
     _check_params(params)
     param_leaves, params_treedef = jax.tree_util.tree_flatten(params)
 
-    graph = trace(apply_fn, params, *batches[0])
+    graph = trace(apply_fn, params, *chunk[0])
     plan = analyze(graph)
     specs = resolve_specs(plan, config)
     progress(
         f"traced: {len(plan.weights)} weight matmuls, {len(plan.points)} activation quantizers, "
-        f"{len(plan.groups)} norm groups ({sum(g.foldable for g in plan.groups)} foldable); "
-        f"{len(batches)} calibration batches"
+        f"{len(plan.groups)} norm groups ({sum(g.foldable for g in plan.groups)} foldable)"
     )
 
-    # 1. Calibration, in forward order, every upstream quantizer already active.
+    # 1. Calibration, in forward order, every upstream quantizer already active. Batches
+    # are evaluated side by side a chunk at a time; each site keeps a bounded reservoir
+    # of its values across chunks and is re-fitted to it after every chunk.
     rng = np.random.default_rng(config.seed)
     weight_qps: dict[str, qz.QuantParams] = {}
     act_qps: dict[str, qz.QuantParams] = {}
-    group_inputs: dict[str, np.ndarray] = {}
-    group_of_point = {g.point: g for g in plan.groups}
-    learn_rows = config.dual_clipping.max_rows if config.dual_clipping else 0
+    reservoirs = {p.name: Reservoir(config.max_calibration_values, rng) for p in plan.points}
     hooks = {}
     for w in plan.weights:
         spec = specs[w.name]
@@ -375,12 +414,11 @@ def transform(
             continue
 
         def weight_hook(values, w=w, spec=spec):
-            matrix = weight_matrix(values[0], w.contracting)
-            weight_qps[w.name] = calibrate_weight(matrix, spec, config)
+            if w.name not in weight_qps:
+                weight_qps[w.name] = calibrate_weight(weight_matrix(values[0], w.contracting), spec, config)
             return [fake_quant_weight(values[0], weight_qps[w.name], w.contracting)]
 
         hooks[w.weight_id] = weight_hook
-    n_points = sum(not specs[p.name].skip for p in plan.points)
 
     for p in plan.points:
         spec = specs[p.name]
@@ -388,21 +426,29 @@ def transform(
             continue
 
         def point_hook(values, p=p, spec=spec):
-            data = _point_values(values, spec, config.max_calibration_values, rng)
+            reservoir = reservoirs[p.name]
+            reservoir.add(_point_values(values, spec))
             try:
-                qp = calibrate_values(data, spec, config, -1 if spec.granularity == "per_channel" else None)
+                qp = calibrate_values(reservoir.data, spec, config, -1 if spec.granularity == "per_channel" else None)
             except ValueError as err:
                 raise ValueError(f"calibrating {p.name!r}: {err}") from None
             act_qps[p.name] = qp
-            if learn_rows and p.name in group_of_point and spec.granularity == "per_channel":
-                group_inputs[p.name] = _subsample(data, learn_rows * data.shape[1], rng, data.shape[1])
-            if len(act_qps) % 10 == 0 or len(act_qps) == n_points:
-                progress(f"calibrated {len(act_qps)}/{n_points} activation quantizers")
             return [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
 
         hooks[p.value_id] = point_hook
-    batch_leaves = [jax.tree_util.tree_leaves(b) for b in batches]
-    evaluate_batches(graph, param_leaves, batch_leaves, hooks)
+    first_chunk = [jax.tree_util.tree_leaves(b) for b in chunk]
+    while chunk:
+        evaluate_batches(graph, param_leaves, [jax.tree_util.tree_leaves(b) for b in chunk], hooks)
+        progress(f"calibrated {len(act_qps)} activation and {len(weight_qps)} weight quantizers on {stream.count} batches")
+        chunk = stream.chunk(config.calibration_chunk)
+    group_of_point = {g.point: g for g in plan.groups}
+    group_inputs = {}
+    if config.dual_clipping is not None:
+        for name, group in group_of_point.items():
+            if name in act_qps and act_qps[name].axis is not None and group.consumers:
+                group_inputs[name] = _subsample(reservoirs[name].data, config.dual_clipping.max_rows, rng)
+    samples = {name: (r.data.size, r.seen) for name, r in reservoirs.items() if r.data is not None}
+    del reservoirs
 
     # 2. Learnable dual clipping of the per-channel norm quantizers (RepQuant).
     if config.dual_clipping is not None and group_inputs:
@@ -410,13 +456,15 @@ def transform(
 
         for i, (point, rows) in enumerate(group_inputs.items()):
             group = group_of_point[point]
-            consumers = [plan.weight(c.site) for c in group.consumers] or [
-                w for w in plan.weights if w.input_point == point
-            ]
-            matrices = [weight_matrix(jnp.asarray(param_leaves[w.param_index]).reshape(-1)[w.kernel_index], w.contracting) for w in consumers]
-            wqps = [weight_qps[w.name] for w in consumers if w.name in weight_qps]
-            if len(wqps) != len(matrices):
+            consumers = [(plan.weight(c.site), c) for c in group.consumers]
+            if not all(w.name in weight_qps for w, _ in consumers):
                 continue
+            matrices, wqps = [], []
+            for w, consumer in consumers:
+                view = jnp.asarray(param_leaves[w.param_index]).reshape(-1)[w.kernel_index]
+                # rows of the weight matrix in channel order
+                matrices.append(weight_matrix(view, w.contracting)[np.argsort(consumer.contract_channel)])
+                wqps.append(weight_qps[w.name])
             act_qps[point], before, after = learn_dual_clipping(
                 rows, act_qps[point], matrices, wqps, config.dual_clipping, seed=config.seed + i
             )
@@ -470,21 +518,21 @@ def transform(
     if config.reconstruction is not None:
         from repquant_jax.learn import reconstruct_weights
 
-        qparams = reconstruct_weights(graph, plan, qparams, params, batch_leaves, config, progress)
+        qparams = reconstruct_weights(graph, plan, qparams, params, first_chunk, config, progress)
 
     # 6. Report: per-site quantization error on the calibration data.
     used_rules = {s.rule for s in specs.values() if s.rule is not None}
     notes = plan.notes + tuple(
         f"rule {r.pattern!r} matched no site" for i, r in enumerate(config.rules) if i not in used_rules
     )
-    report = _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes)
+    report = _report(graph, plan, qparams, specs, first_chunk, fold_notes, notes, samples)
     progress("done")
     if verbose:
         print(report.summary(), flush=True)
     return qparams, QApply(apply_fn, params_treedef, report)
 
 
-def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes) -> TransformReport:
+def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes, samples) -> TransformReport:
     hooks, rewrites = quant_hooks(graph, plan, qparams)
     errors: dict[str, tuple[float, float]] = {}
     names = {p.value_id: p.name for p in plan.points if p.name in qparams.activations}
@@ -517,5 +565,9 @@ def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes) -> Tra
         spec = specs[p.name]
         qp = qparams.activations.get(p.name)
         mse, rel = errors.get(p.name, (None, None))
-        rows.append(SiteReport.make(p.name, f"activation/{p.source}", spec, qp, mse, rel, fold_notes.get(p.name, "")))
+        rows.append(
+            SiteReport.make(
+                p.name, f"activation/{p.source}", spec, qp, mse, rel, fold_notes.get(p.name, ""), samples.get(p.name)
+            )
+        )
     return TransformReport(tuple(rows), notes)

@@ -184,3 +184,32 @@ def test_progress_output_can_be_silenced(vit_block, capsys):
     assert "[repquant" in capsys.readouterr().out
     repquant.transform(m.apply_fn, m.params, _calib(m), P.repq_vit(), verbose=False)
     assert capsys.readouterr().out == ""
+
+
+def test_calibration_memory_is_bounded_by_the_config():
+    m = zoo.linen_vit_block(batch=2, seq=8)
+    cap, chunk = 1024, 2
+    n_batches = 100 * chunk
+    key = jax.random.key(3)
+    stream = (jax.random.normal(jax.random.fold_in(key, i), m.inputs[0].shape) for i in range(n_batches))
+    config = P.repq_vit(4, 4, calibration_chunk=chunk, max_calibration_values=cap)
+    q, qa = repquant.transform(m.apply_fn, m.params, stream, config, verbose=False)
+    acts = [s for s in qa.report.sites if s.values_seen is not None]
+    assert acts
+    for site in acts:
+        assert site.values_kept <= cap, site
+        per_batch = int(np.prod(qa.analysis(m.params, m.inputs)[1].point(site.name).shape))
+        assert site.values_seen == n_batches * per_batch
+    out = qa(q, *m.inputs)
+    assert _rel(out, m.apply_fn(m.params, *m.inputs)) < 0.5
+
+
+def test_streaming_calibration_in_chunks_is_close_to_one_chunk(vit_block):
+    m = vit_block
+    calib = _calib(m, n=4)
+    ref = m.apply_fn(m.params, *m.inputs)
+    errors = []
+    for chunk in (16, 1):
+        q, qa = repquant.transform(m.apply_fn, m.params, calib, P.repq_vit(6, 6, calibration_chunk=chunk), verbose=False)
+        errors.append(_rel(qa(q, *m.inputs), ref))
+    assert abs(errors[0] - errors[1]) < 0.5 * errors[0]

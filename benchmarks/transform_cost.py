@@ -1,0 +1,75 @@
+"""Cost of tracing and of `transform` on a ViT-S-size model, as ratios to a float forward.
+
+Prints, for a 12-layer ViT-S/16 (dim 384, 6 heads, 197 tokens, random init) and 32
+calibration images: the time to trace + analyse the apply function, and each preset's
+transform time divided by one float forward of the calibration batch (jitted, median of
+several runs). Everything is measured in one run, so the ratios are comparable even on a
+busy machine.
+
+    python benchmarks/transform_cost.py                  # all presets
+    python benchmarks/transform_cost.py --presets repq_vit --depth 12 --samples 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import repquant_jax as repquant
+from repquant_jax.models import vit
+
+
+def median_time(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["minmax", "percentile", "repq_vit", "repquant"])
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--bits", type=int, default=4)
+    args = parser.parse_args()
+
+    config = vit.get_config("vit_s16", depth=args.depth)
+    model = vit.VisionTransformer(config)
+    images = jax.random.normal(jax.random.key(0), (args.samples, 224, 224, 3))
+    params = model.init(jax.random.key(1), images[:1])
+    apply_fn = lambda p, x: model.apply(p, x)  # noqa: E731
+
+    start = time.perf_counter()
+    plan = repquant.inspect(apply_fn, params, images)
+    trace_s = time.perf_counter() - start
+    forward = jax.jit(apply_fn)
+    jax.block_until_ready(forward(params, images))
+    forward_s = median_time(lambda: forward(params, images))
+
+    print(f"# transform cost, {time.strftime('%Y-%m-%d')}, {platform.machine()} {jax.devices()[0].platform}, "
+          f"{jax.device_count()} device(s), jax {jax.__version__}")
+    print(f"model: ViT-S/16 depth {args.depth}, {args.samples} calibration images, W{args.bits}A{args.bits}")
+    print(f"trace + analysis: {trace_s:.2f} s ({plan.summary()})")
+    print(f"float forward of the calibration batch (jit, median of 5): {forward_s:.3f} s")
+    print()
+    print("| preset | transform (s) | / float forward |")
+    print("|---|---|---|")
+    for name in args.presets:
+        preset = getattr(repquant.presets, name)(args.bits, args.bits)
+        start = time.perf_counter()
+        qparams, qapply = repquant.transform(apply_fn, params, [images], preset, verbose=False)
+        jax.block_until_ready(jax.tree_util.tree_leaves(qparams))
+        elapsed = time.perf_counter() - start
+        print(f"| {name} | {elapsed:.1f} | {elapsed / forward_s:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
