@@ -213,3 +213,19 @@ def test_streaming_calibration_in_chunks_is_close_to_one_chunk(vit_block):
         q, qa = repquant.transform(m.apply_fn, m.params, calib, P.repq_vit(6, 6, calibration_chunk=chunk), verbose=False)
         errors.append(_rel(qa(q, *m.inputs), ref))
     assert abs(errors[0] - errors[1]) < 0.5 * errors[0]
+
+
+def test_log_quantizer_on_signed_values_names_the_site(vit_block):
+    m = vit_block
+    rule = (repquant.Rule(pattern=r"mlp/fc2:input", kind="log_sqrt2"),)
+    with pytest.raises(ValueError, match="mlp/fc2:input"):
+        repquant.transform(m.apply_fn, m.params, _calib(m), P.repq_vit(4, 4, rules=rule), verbose=False)
+
+
+def test_qapply_under_jit_and_without_jit_agree(vit_block):
+    m = vit_block
+    q, qa = repquant.transform(m.apply_fn, m.params, _calib(m), P.repq_vit(4, 4), verbose=False)
+    jitted = np.asarray(qa(q, *m.inputs))
+    with jax.disable_jit():
+        eager = np.asarray(qa(q, *m.inputs))
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
