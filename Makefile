@@ -27,7 +27,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
 
 demo: setup
-	@echo "make demo: not available yet (lands with the end-to-end transform and the shipped ViT checkpoint)"
+	@$(PY) experiments/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

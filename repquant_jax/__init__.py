@@ -11,6 +11,7 @@ from repquant_jax import presets
 from repquant_jax.config import DualClipping, QuantConfig, Reconstruction, Rule
 from repquant_jax.graph import UnsupportedGraphError
 from repquant_jax.inspect import inspect
+from repquant_jax.io import load, save
 from repquant_jax.quantizers import QuantParams
 from repquant_jax.report import TransformReport
 from repquant_jax.sites import Plan
@@ -19,6 +20,8 @@ from repquant_jax.transform import QApply, QParams, transform
 __all__ = [
     "transform",
     "inspect",
+    "save",
+    "load",
     "presets",
     "QuantConfig",
     "Rule",

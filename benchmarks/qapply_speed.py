@@ -1,0 +1,85 @@
+"""Speed of the fake-quant `qapply` relative to the float apply, measured in one run.
+
+For a ViT-S-size model (12 layers, dim 384, 197 tokens, batch 8), a BERT-base-size
+encoder (12 layers, dim 768, 128 tokens, batch 8) and a small LLaMA (4 layers, dim 256,
+256 tokens, batch 8): median wall time of the jitted float apply and of `qapply` at W4A4
+(repq_vit quantizers: per-tensor activations after the fold, log√2 softmax, per-channel
+weights; the learned presets have the same quantizer structure), and their ratio. Also
+counts the fusions and elementwise kernels in the optimized HLO, to check that
+quantize/dequantize fuse into neighbouring kernels instead of adding passes.
+
+    python benchmarks/qapply_speed.py [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import repquant_jax as repquant
+from repquant_jax.models import bert, llama, vit
+
+
+def median_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hlo_stats(compiled_text: str) -> str:
+    fusions = len(re.findall(r"^\s*\S+ = \S+ fusion\(", compiled_text, flags=re.M))
+    calls = compiled_text.count("custom-call")
+    return f"{fusions} fusions, {calls} custom-calls"
+
+
+def models():
+    key = jax.random.key(0)
+    cfg = vit.get_config("vit_s16")
+    m = vit.VisionTransformer(cfg)
+    x = jax.random.normal(key, (8, 224, 224, 3))
+    yield "ViT-S/16 (b8, 197 tok)", (lambda p, x: m.apply(p, x)), m.init(key, x[:1]), (x,)
+
+    cfg = bert.BertConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
+    m = bert.BertEncoder(cfg)
+    ids = jax.random.randint(key, (8, 128), 0, cfg.vocab_size)
+    mask = jnp.ones((8, 128), jnp.int32)
+    yield "BERT-base (b8, 128 tok)", (lambda p, i, a: m.apply(p, i, a)), m.init(key, ids, mask), (ids, mask)
+
+    cfg = llama.llama_tiny_bytes()
+    m = llama.Llama(cfg)
+    ids = jax.random.randint(key, (8, 256), 0, cfg.vocab_size)
+    yield "LLaMA tiny (b8, 256 tok)", (lambda p, i: m.apply(p, i)), m.init(key, ids), (ids,)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(f"# qapply speed, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.devices()[0].platform} "
+          f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    print("| model | float (ms) | qapply W4A4 (ms) | ratio | float HLO | qapply HLO |")
+    print("|---|---|---|---|---|---|")
+    for name, apply_fn, params, inputs in models():
+        qparams, qapply = repquant.transform(apply_fn, params, [inputs], repquant.presets.repq_vit(4, 4), verbose=False)
+        forward = jax.jit(apply_fn)
+        t_float = median_time(lambda: forward(params, *inputs), args.repeats)
+        t_quant = median_time(lambda: qapply(qparams, *inputs), args.repeats)
+        float_hlo = forward.lower(params, *inputs).compile().as_text()
+        quant_hlo = jax.jit(qapply._call).lower(qparams, *inputs).compile().as_text()
+        print(f"| {name} | {1e3 * t_float:.1f} | {1e3 * t_quant:.1f} | {t_quant / t_float:.2f}x | "
+              f"{hlo_stats(float_hlo)} | {hlo_stats(quant_hlo)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
