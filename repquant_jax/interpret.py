@@ -22,10 +22,12 @@ import jax
 
 from repquant_jax.graph import LAYOUT_PRIMITIVES, Graph
 
-__all__ = ["Hook", "evaluate", "evaluate_batches"]
+__all__ = ["Hook", "MatmulFn", "evaluate", "evaluate_batches"]
 
 #: ``hook(values) -> values``: one value per batch in, one replacement per batch out.
 Hook = Callable[[list[Any]], list[Any]]
+#: ``fn(operands) -> value``: computes a single-output node from its operands.
+MatmulFn = Callable[[list[Any]], Any]
 
 
 def evaluate(
@@ -34,6 +36,7 @@ def evaluate(
     inputs: Sequence[Any],
     hooks: Mapping[int, Hook] | None = None,
     rewrites: Mapping[int, Hook] | None = None,
+    matmul_fns: Mapping[int, MatmulFn] | None = None,
 ) -> Any:
     """Evaluates the graph on one call's inputs.
 
@@ -44,13 +47,15 @@ def evaluate(
       hooks: value id -> hook; see the module docstring.
       rewrites: value id -> hook replacing the value for *every* consumer (used for the
         output offsets of a fold into a matmul without a bias).
+      matmul_fns: node index -> function computing that matmul node; see
+        `evaluate_batches`.
 
     Returns:
       The output pytree, as ``apply_fn`` returns it.
     """
     param_leaves = jax.tree_util.tree_leaves(params)
     input_leaves = jax.tree_util.tree_leaves(tuple(inputs))
-    (out,) = evaluate_batches(graph, param_leaves, [input_leaves], hooks, rewrites)
+    (out,) = evaluate_batches(graph, param_leaves, [input_leaves], hooks, rewrites, matmul_fns=matmul_fns)
     return out
 
 
@@ -61,6 +66,7 @@ def evaluate_batches(
     hooks: Mapping[int, Hook] | None = None,
     rewrites: Mapping[int, Hook] | None = None,
     matmul_hooks: Mapping[int, Callable[[list[list[Any]]], list[list[Any]]]] | None = None,
+    matmul_fns: Mapping[int, MatmulFn] | None = None,
 ) -> list[Any]:
     """Evaluates the graph on several batches at once, node by node.
 
@@ -73,6 +79,10 @@ def evaluate_batches(
       rewrites: value id -> hook whose result replaces the value for every consumer.
       matmul_hooks: node index -> hook called with the operands of that matmul, as it
         reads them (one list of operands per batch), returning the operands to use.
+      matmul_fns: node index -> ``fn(operands) -> value`` computing that (matmul) node
+        in place of its primitive, once per batch, from the operands as matmuls read
+        them (hooked values, after ``matmul_hooks``). Used by `repquant_jax.export` for
+        integer matmuls. Default None: every node runs its own primitive.
 
     Returns:
       One output pytree per batch.
@@ -80,6 +90,7 @@ def evaluate_batches(
     hooks = dict(hooks or {})
     rewrites = dict(rewrites or {})
     matmul_hooks = dict(matmul_hooks or {})
+    matmul_fns = dict(matmul_fns or {})
     if len(param_leaves) != len(graph.param_ids):
         raise ValueError(
             f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}"
@@ -128,7 +139,10 @@ def evaluate_batches(
         args = [[read(v, b, is_matmul) for v in node.inputs] for b in range(n_runs)]
         if index in matmul_hooks:
             args = matmul_hooks[index](args)
-        results = [node.fn(*a) for a in args]
+        if index in matmul_fns:
+            results = [(matmul_fns[index](a),) for a in args]
+        else:
+            results = [node.fn(*a) for a in args]
         # Layout ops carry a shadow forward so that matmuls downstream read the hooked value.
         shadowed = node.primitive in LAYOUT_PRIMITIVES and any(
             v in shadow_shared or v in shadow_batch for v in node.inputs
