@@ -127,6 +127,10 @@ class QuantConfig:
         ``"error"``.
       fold_norms: fold per-channel norm quantizers into per-tensor ones (§2.4). False
         keeps them per channel: the calibration-time model, for comparisons.
+      min_rows_per_channel: a per-channel norm quantizer needs at least this many
+        calibration rows (tokens) per channel; with fewer, per-channel ranges overfit the
+        calibration set (a classifier's class token gives one row per image) and the site
+        is quantized per tensor instead (reported).
       exact_zero_point: fold with z̃ = round(mean(z)) (bit-exact) instead of RepQ-ViT's
         unrounded mean.
       rmsnorm: ``"bias"`` (asymmetric per-channel quantizer; the fold adds a norm bias)
@@ -154,6 +158,7 @@ class QuantConfig:
     norm_quantizer: str = "per_channel"
     unfoldable: str = "per_tensor"
     fold_norms: bool = True
+    min_rows_per_channel: int = 256
     exact_zero_point: bool = True
     rmsnorm: str = "bias"
     softmax_quantizer: str = "log_sqrt2"

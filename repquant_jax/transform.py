@@ -407,6 +407,7 @@ def transform(
     weight_qps: dict[str, qz.QuantParams] = {}
     act_qps: dict[str, qz.QuantParams] = {}
     reservoirs = {p.name: Reservoir(config.max_calibration_values, rng) for p in plan.points}
+    fold_notes: dict[str, str] = {}
     hooks = {}
     for w in plan.weights:
         spec = specs[w.name]
@@ -425,8 +426,18 @@ def transform(
         if spec.skip:
             continue
 
-        def point_hook(values, p=p, spec=spec):
+        def point_hook(values, p=p):
             reservoir = reservoirs[p.name]
+            spec = specs[p.name]
+            if spec.granularity == "per_channel" and reservoir.data is None:
+                rows = sum(int(np.size(v)) for v in values) // int(np.shape(values[0])[-1])
+                if rows < config.min_rows_per_channel:
+                    # Per-channel ranges from so few rows overfit the calibration set.
+                    spec = specs[p.name] = dataclasses.replace(spec, granularity="per_tensor")
+                    fold_notes[p.name] = (
+                        f"per tensor: {rows} calibration rows per channel < min_rows_per_channel "
+                        f"({config.min_rows_per_channel})"
+                    )
             reservoir.add(_point_values(values, spec))
             try:
                 qp = calibrate_values(reservoir.data, spec, config, -1 if spec.granularity == "per_channel" else None)
@@ -474,7 +485,6 @@ def transform(
     leaves = [np.array(leaf, copy=True) for leaf in param_leaves]
     input_offsets: dict[str, np.ndarray] = {}
     output_offsets: dict[str, np.ndarray] = {}
-    fold_notes: dict[str, str] = {}
     refit = set()
     for group in plan.groups:
         spec = specs.get(group.point)
@@ -495,7 +505,10 @@ def transform(
         fold_notes[group.point] = f"folded {group.name} into {len(group.consumers)} matmuls (max |r2| {result.max_abs_r2:g})"
     for group in plan.groups:
         spec = specs.get(group.point)
-        if spec is not None and not group.foldable and spec.granularity == "per_tensor" and config.norm_quantizer == "per_channel":
+        if (
+            spec is not None and not group.foldable and spec.granularity == "per_tensor"
+            and config.norm_quantizer == "per_channel" and group.point not in fold_notes
+        ):
             fold_notes[group.point] = f"per tensor (not foldable: {group.reason})"
     # 4. Re-calibrate the weights that the fold rescaled.
     for w in plan.weights:

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import zoo
 
+import conftest
 import repquant_jax as repquant
 from repquant_jax import export as rqe
 from repquant_jax import quantizers as qz
 from repquant_jax.fold import weight_matrix
 
-P = repquant.presets
+P = conftest.zoo_presets
 MODELS = ("linen_vit_block", "llama_block", "bert_block")
 BITS = ((8, 8), (4, 8), (4, 4))
 _cache: dict = {}

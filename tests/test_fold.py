@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import zoo
 
+import conftest
 import repquant_jax as repquant
 from repquant_jax import quantizers as qz
 from repquant_jax.transform import QParams
 
-P = repquant.presets
+P = conftest.zoo_presets
 FLOAT_WEIGHTS = (repquant.Rule(pattern=".", target="weight", skip=True),)
 
 

@@ -41,7 +41,7 @@ def assert_bitwise_equal(a, b):
 
 # RepQ-ViT (norm folds -> offsets, log√2 softmax) with min-max calibration: the file format
 # does not depend on how scales were found, and the percentile search would triple the runtime.
-CONFIG = rq.presets.repq_vit(4, 4, weight_calibration="minmax", activation_calibration="minmax")
+CONFIG = rq.presets.repq_vit(4, 4, weight_calibration="minmax", activation_calibration="minmax", min_rows_per_channel=1)
 
 
 def _transform(model):

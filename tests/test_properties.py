@@ -7,11 +7,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import conftest
 import repquant_jax as repquant
 from repquant_jax import quantizers as qz
 from repquant_jax.transform import QParams
 
-P = repquant.presets
+P = conftest.zoo_presets
 SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -9,9 +9,10 @@ import optax
 import pytest
 import zoo
 
+import conftest
 import repquant_jax as repquant
 
-P = repquant.presets
+P = conftest.zoo_presets
 
 
 @pytest.fixture(scope="module")
