@@ -4,7 +4,8 @@ For a ViT-S-size model (12 layers, dim 384, 197 tokens, batch 8), a BERT-base-si
 encoder (12 layers, dim 768, 128 tokens, batch 8) and a small LLaMA (4 layers, dim 256,
 256 tokens, batch 8): median wall time of the jitted float apply and of `qapply` at W4A4
 (repq_vit quantizers: per-tensor activations after the fold, log√2 softmax, per-channel
-weights; the learned presets have the same quantizer structure), and their ratio. Also
+weights; the learned presets have the same quantizer structure), and their ratio, also
+with the weights frozen onto their grids (`qapply.freeze`, inference only). Also
 counts the fusions and elementwise kernels in the optimized HLO, to check that
 quantize/dequantize fuse into neighbouring kernels instead of adding passes.
 
@@ -68,16 +69,19 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# qapply speed, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.devices()[0].platform} "
           f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
-    print("| model | float (ms) | qapply W4A4 (ms) | ratio | float HLO | qapply HLO |")
-    print("|---|---|---|---|---|---|")
+    print("| model | float (ms) | qapply W4A4 (ms) | ratio | frozen qapply (ms) | ratio | float HLO | qapply HLO |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, apply_fn, params, inputs in models():
         qparams, qapply = repquant.transform(apply_fn, params, [inputs], repquant.presets.repq_vit(4, 4), verbose=False)
         forward = jax.jit(apply_fn)
         t_float = median_time(lambda: forward(params, *inputs), args.repeats)
         t_quant = median_time(lambda: qapply(qparams, *inputs), args.repeats)
+        frozen = qapply.freeze(qparams, *inputs)
+        t_frozen = median_time(lambda: qapply(frozen, *inputs), args.repeats)
         float_hlo = forward.lower(params, *inputs).compile().as_text()
         quant_hlo = jax.jit(qapply._call).lower(qparams, *inputs).compile().as_text()
         print(f"| {name} | {1e3 * t_float:.1f} | {1e3 * t_quant:.1f} | {t_quant / t_float:.2f}x | "
+              f"{1e3 * t_frozen:.1f} | {t_frozen / t_float:.2f}x | "
               f"{hlo_stats(float_hlo)} | {hlo_stats(quant_hlo)} |", flush=True)
 
 

@@ -323,6 +323,47 @@ class QApply:
             self._analyses[key] = (graph, analyze(graph))
         return self._analyses[key]
 
+    def freeze(self, qparams: QParams, *example_inputs: Any) -> QParams:
+        """Bakes the fake-quantized weights into the params, for inference.
+
+        The returned `QParams` hold each quantized kernel already on its quantization
+        grid and no weight quantizers, so `qapply` skips re-quantizing the weights on
+        every call. Outputs are identical (quantizing a value on its grid returns it).
+        Fine-tune the unfrozen `QParams`, not these.
+
+        Args:
+          qparams: from `transform`.
+          *example_inputs: inputs of the shapes the model will be called with.
+
+        Returns:
+          Frozen `QParams`; a kernel shared by matmuls with different quantizers keeps
+          its weight quantizers.
+        """
+        _, plan = self.analysis(qparams.params, example_inputs)
+        leaves = [np.array(leaf, copy=True) for leaf in jax.tree_util.tree_leaves(qparams.params)]
+        by_leaf: dict[int, list] = {}
+        for w in plan.weights:
+            if w.name in qparams.weights:
+                by_leaf.setdefault(w.param_index, []).append(w)
+        frozen = set()
+        for index, sites in by_leaf.items():
+            if len(sites) != 1:
+                continue
+            (w,) = sites
+            flat = leaves[index].reshape(-1)
+            view = jnp.asarray(flat[w.kernel_index])
+            flat[w.kernel_index.reshape(-1)] = np.asarray(
+                fake_quant_weight(view, qparams.weights[w.name], w.contracting)
+            ).reshape(-1)
+            frozen.add(w.name)
+        originals = jax.tree_util.tree_leaves(qparams.params)
+        params = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(qparams.params),
+            [jnp.asarray(leaf, dtype=o.dtype) for leaf, o in zip(leaves, originals)],
+        )
+        weights = {k: v for k, v in qparams.weights.items() if k not in frozen}
+        return qparams.replace(params=params, weights=weights)
+
     def _call(self, qparams: QParams, *inputs: Any) -> Any:
         graph, plan = self.analysis(qparams.params, inputs)
         hooks, rewrites = quant_hooks(graph, plan, qparams)
