@@ -83,15 +83,47 @@ def test_minilm_w8a8_stays_close_to_float(minilm, preset):
     assert errors[8][0] < errors[4][0]
 
 
-@pytest.mark.parametrize("preset", ["minmax", "percentile", "repq_vit", "repquant"])
-def test_pre_ln_vit_w8a8_within_a_few_percent(preset):
-    config = vit.get_config("vit_tiny_fashion_mnist_p7") if "vit_tiny_fashion_mnist_p7" in vit.CONFIGS else vit.get_config("vit_tiny_fashion_mnist")
+@pytest.fixture(scope="module")
+def fashion_vit():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "checkpoints" / "vit_fashion_mnist.safetensors"
+    if not path.exists():
+        pytest.skip("the shipped ViT checkpoint is missing")
+    try:
+        from repquant_jax.data import batches, fashion_mnist
+
+        train_images, _ = fashion_mnist.load_arrays("train")
+        test_images, _ = fashion_mnist.load_arrays("test")
+    except (ImportError, FileNotFoundError) as err:  # make test installs both
+        pytest.skip(f"Fashion-MNIST not available: {err}")
+    config = vit.get_config(json.loads(path.with_suffix(".json").read_text())["config"])
     model = vit.VisionTransformer(config)
-    images = jax.random.normal(jax.random.key(0), (48, 28, 28, 1))
-    params = model.init(jax.random.key(1), images[:1])
-    apply_fn = lambda p, x: model.apply(p, x)  # noqa: E731
+    variables = vit.load_safetensors(path, config, layout="timm")
+    calib = batches.fashion_mnist_preprocess(train_images[:32])
+    evals = batches.fashion_mnist_preprocess(test_images[:256])
+    return (lambda p, x: model.apply(p, x)), variables, [calib], evals
+
+
+# The log√2 softmax quantizer of repq_vit/repquant has levels √2 apart at every bit-width,
+# so at 8 bits it is coarser than the uniform one (max 19% error per attention weight):
+# measured 4.7% logit error at W8A8 vs 1.5% with a uniform softmax quantizer.
+W8A8_BOUND = {"minmax": 0.02, "percentile": 0.02, "repq_vit": 0.06, "repquant": 0.06}
+
+
+@pytest.mark.parametrize("preset", ["minmax", "percentile", "repq_vit", "repquant"])
+def test_trained_pre_ln_vit_w8a8_stays_close_to_float(fashion_vit, preset):
+    apply_fn, variables, calib, evals = fashion_vit
     overrides = LIGHT_LEARNING if preset == "repquant" else {}
-    qparams, qapply = repquant.transform(apply_fn, params, [images[:32]], getattr(P, preset)(8, 8, **overrides), verbose=False)
-    err = _rel(qapply(qparams, images[32:]), apply_fn(params, images[32:]))
-    print(f"\nViT (random init) {preset} W8A8 rel err {err:.4f}")
-    assert err < 0.05
+    ref = apply_fn(variables, evals)
+    qparams, qapply = repquant.transform(apply_fn, variables, calib, getattr(P, preset)(8, 8, **overrides), verbose=False)
+    err = _rel(qapply(qparams, evals), ref)
+    print(f"\nViT (Fashion-MNIST) {preset} W8A8 rel err {err:.4f}")
+    assert err < W8A8_BOUND[preset]
+    if preset in ("repq_vit", "repquant"):
+        config = getattr(P, preset)(8, 8, softmax_quantizer="uniform", **overrides)
+        qparams, qapply = repquant.transform(apply_fn, variables, calib, config, verbose=False)
+        err = _rel(qapply(qparams, evals), ref)
+        print(f"ViT (Fashion-MNIST) {preset} W8A8 uniform softmax rel err {err:.4f}")
+        assert err < 0.02
