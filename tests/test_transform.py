@@ -238,3 +238,11 @@ def test_frozen_weights_give_identical_outputs(vit_block):
     frozen = qa.freeze(q, *m.inputs)
     assert not frozen.weights and q.weights
     np.testing.assert_array_equal(np.asarray(qa(frozen, *m.inputs)), np.asarray(qa(q, *m.inputs)))
+
+
+def test_too_few_rows_for_per_channel_falls_back_to_per_tensor_and_says_so():
+    m = zoo.linen_vit_block(batch=1, seq=8)  # 8 rows per channel < the default 16
+    q, qa = repquant.transform(m.apply_fn, m.params, [m.inputs], repquant.presets.repq_vit(4, 4), verbose=False)
+    site = qa.report.site("attn/query:input")
+    assert site.quantizer == "uniform per_tensor"
+    assert "min_rows_per_channel" in site.note
