@@ -40,29 +40,7 @@ SENTENCES = [
               "and twenty eight tokens."] * 12),
 ]
 
-_TORCHVISION_OPS = None  # keeps the op-schema library below alive
-
-
-def _import_torch_reference():
-    """Imports torch and (if installed) torchvision so that ``transformers`` imports.
-
-    See ``tests/models/test_vit.py``: PyPI's torchvision wheel needs CUDA torch for its C
-    extension; declaring the schemas of its two ops lets its Python modules import.
-    """
-    global _TORCHVISION_OPS
-    torch = pytest.importorskip("torch")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
-    except RuntimeError:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision  # noqa: F401
-    return torch
+from torch_reference import import_torch as _import_torch_reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
