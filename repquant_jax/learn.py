@@ -58,8 +58,6 @@ def learn_dual_clipping(
     matrices: Sequence[jax.Array],
     weight_quantizers: Sequence[qz.QuantParams],
     config: DualClipping,
-    *,
-    seed: int = 0,
 ) -> tuple[qz.QuantParams, float, float]:
     """Learns per-channel lower/upper clipping of a norm-output quantizer.
 
@@ -73,14 +71,13 @@ def learn_dual_clipping(
       quantizer: the calibrated per-channel quantizer (uniform or symmetric, axis -1).
       matrices: the following matmuls' ``[channels, N]`` weight matrices.
       weight_quantizers: their per-column quantizers.
-      config: steps and learning rate.
-      seed: unused randomness is seeded for reproducibility.
+      config: steps and learning rate (the loop is deterministic; the caller samples
+        the rows with the config's seed).
 
     Returns:
       ``(quantizer, loss_before, loss_after)``; the input quantizer if learning did not
       lower the loss.
     """
-    del seed  # the loop is deterministic; the rows were sampled by the caller
     x = jnp.asarray(rows, jnp.float32)
     symmetric = quantizer.kind == "symmetric"
     bits = quantizer.bits
@@ -222,7 +219,7 @@ def _rows(operand: jax.Array, contracting: Sequence[int]) -> jax.Array:
     return moved.reshape(-1, k)
 
 
-def reconstruct_weights(graph, plan, qparams, original_params, batch_leaves, config: QuantConfig, progress: Callable[[str], None]):
+def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig, progress: Callable[[str], None]):
     """Learns the weight rounding of every dot_general weight site, in forward order.
 
     The float targets come from the folded float model (same function as the original,
@@ -235,7 +232,6 @@ def reconstruct_weights(graph, plan, qparams, original_params, batch_leaves, con
     from repquant_jax.interpret import evaluate_batches
     from repquant_jax.transform import quant_hooks
 
-    del original_params
     rc = config.reconstruction
     sites = [
         w for w in plan.weights

@@ -518,7 +518,7 @@ def transform(
                 matrices.append(weight_matrix(view, w.contracting)[np.argsort(consumer.contract_channel)])
                 wqps.append(weight_qps[w.name])
             act_qps[point], before, after = learn_dual_clipping(
-                rows, act_qps[point], matrices, wqps, config.dual_clipping, seed=config.seed + i
+                rows, act_qps[point], matrices, wqps, config.dual_clipping
             )
             progress(f"dual clipping {group.name}: output MSE {before:.3g} -> {after:.3g} ({i + 1}/{len(group_inputs)})")
 
@@ -572,7 +572,7 @@ def transform(
     if config.reconstruction is not None:
         from repquant_jax.learn import reconstruct_weights
 
-        qparams = reconstruct_weights(graph, plan, qparams, params, first_chunk, config, progress)
+        qparams = reconstruct_weights(graph, plan, qparams, first_chunk, config, progress)
 
     # 6. Report: per-site quantization error on the calibration data.
     used_rules = {s.rule for s in specs.values() if s.rule is not None}
