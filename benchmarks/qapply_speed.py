@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import platform
 import re
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import repquant_jax as repquant
 from repquant_jax.models import bert, llama, vit
-
-
-def median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_time
 
 
 def hlo_stats(compiled_text: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import jax
@@ -22,15 +21,7 @@ import jax.numpy as jnp
 
 import repquant_jax as repquant
 from repquant_jax.models import vit
-
-
-def median_time(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_time
 
 
 def main() -> None:
@@ -51,7 +42,6 @@ def main() -> None:
     plan = repquant.inspect(apply_fn, params, images)
     trace_s = time.perf_counter() - start
     forward = jax.jit(apply_fn)
-    jax.block_until_ready(forward(params, images))
     forward_s = median_time(lambda: forward(params, images))
 
     print(f"# transform cost, {time.strftime('%Y-%m-%d')}, {platform.machine()} {jax.devices()[0].platform}, "

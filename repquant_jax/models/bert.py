@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repquant_jax.models.checkpoint import TensorReader, load_state_dict
+from repquant_jax.models.vit import Mlp  # the same fc1 -> exact GELU -> fc2 block
 
 __all__ = [
     "BertConfig",
@@ -165,18 +166,8 @@ class Layer(nn.Module):
         cfg = self.config
         attn = SelfAttention(cfg.num_heads, name="attn")
         x = _layer_norm(cfg, "attn_norm")(x + attn(x, mask_bias))
-        y = _Mlp(cfg.intermediate_size, name="mlp")(x)
+        y = Mlp(cfg.intermediate_size, name="mlp")(x)
         return _layer_norm(cfg, "mlp_norm")(x + y)
-
-
-class _Mlp(nn.Module):
-    hidden_dim: int
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        y = nn.Dense(self.hidden_dim, kernel_init=_dense_init, name="fc1")(x)
-        y = nn.gelu(y, approximate=False)
-        return nn.Dense(x.shape[-1], kernel_init=_dense_init, name="fc2")(y)
 
 
 class Embeddings(nn.Module):
