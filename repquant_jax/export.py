@@ -98,7 +98,7 @@ from repquant_jax.fold import weight_from_matrix, weight_matrix
 from repquant_jax.graph import LAYOUT_PRIMITIVES, Graph
 from repquant_jax.interpret import evaluate
 from repquant_jax.sites import Plan
-from repquant_jax.transform import QApply, QParams
+from repquant_jax.transform import QApply, QParams, check_sites_exist
 
 __all__ = [
     "Dropped",
@@ -573,13 +573,7 @@ def matmul_modes(exported: Exported, *inputs: Any) -> dict[str, str]:
 
 def _integer_program(graph: Graph, plan: Plan, exported: Exported):
     """Hooks, rewrites and matmul functions for `evaluate`, and the mode of each site."""
-    known = {w.name for w in plan.weights} | {p.name for p in plan.points}
-    stale = (set(exported.weights) | set(exported.activations)) - known
-    if stale:
-        raise ValueError(
-            f"the export holds quantizers for sites this call does not have: {sorted(stale)[:5]}; "
-            "was the model or its input structure changed after transform?"
-        )
+    check_sites_exist(plan, exported.weights, exported.activations, "the export")
     integer_points = set(exported.integer_points)
     hooks: dict[int, Callable] = {}
     rewrites: dict[int, Callable] = {}

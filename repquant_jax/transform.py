@@ -258,19 +258,24 @@ def _point_values(values: list, spec: SiteSpec) -> np.ndarray:
     return np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
 
 
+def check_sites_exist(plan: Plan, weights, activations, holder: str) -> None:
+    """Raises if quantizer state names sites that this trace of the model lacks."""
+    known = {w.name for w in plan.weights} | {p.name for p in plan.points}
+    stale = (set(weights) | set(activations)) - known
+    if stale:
+        raise ValueError(
+            f"{holder} contain quantizers for sites this call does not have: {sorted(stale)[:5]}; "
+            "was the model or its input structure changed after transform?"
+        )
+
+
 def quant_hooks(graph: Graph, plan: Plan, qparams: QParams) -> tuple[dict, dict]:
     """Fake-quant hooks and output-offset rewrites for `evaluate`, from ``qparams``.
 
     Sites of the plan without state in ``qparams`` stay float; state without a site
     raises, since it means the model traced differently from when it was calibrated.
     """
-    known = {w.name for w in plan.weights} | {p.name for p in plan.points}
-    stale = (set(qparams.weights) | set(qparams.activations)) - known
-    if stale:
-        raise ValueError(
-            f"qparams hold quantizers for sites this call does not have: {sorted(stale)[:5]}; "
-            "was the model or its input structure changed after transform?"
-        )
+    check_sites_exist(plan, qparams.weights, qparams.activations, "qparams")
     hooks, rewrites = {}, {}
     for w in plan.weights:
         if w.name in qparams.weights:

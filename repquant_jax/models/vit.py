@@ -382,6 +382,22 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x), dtype=np.float32)
 
 
+def _torch_layer_readers(r: TensorReader, dim: int):
+    """Readers of a PyTorch ``Linear`` (weights ``(out, in)``, transposed for Flax) and a
+    ``LayerNorm`` of width ``dim`` from a state dict."""
+
+    def dense(name: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, np.ndarray]:
+        out = {"kernel": r.take(f"{name}.weight", (n_out, n_in)).T}
+        if bias:
+            out["bias"] = r.take(f"{name}.bias", (n_out,))
+        return out
+
+    def ln(name: str) -> dict[str, np.ndarray]:
+        return {"scale": r.take(f"{name}.weight", (dim,)), "bias": r.take(f"{name}.bias", (dim,))}
+
+    return dense, ln
+
+
 def params_from_timm(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[str, Any]:
     """Converts a timm ``VisionTransformer`` state dict into Flax variables.
 
@@ -412,14 +428,7 @@ def params_from_timm(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[s
     r = TensorReader(state_dict, strip_prefixes=("module.",))
     d, p, c, m = cfg.dim, cfg.patch_size, cfg.in_chans, cfg.mlp_dim
 
-    def dense(name: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, np.ndarray]:
-        out = {"kernel": r.take(f"{name}.weight", (n_out, n_in)).T}
-        if bias:
-            out["bias"] = r.take(f"{name}.bias", (n_out,))
-        return out
-
-    def ln(name: str) -> dict[str, np.ndarray]:
-        return {"scale": r.take(f"{name}.weight", (d,)), "bias": r.take(f"{name}.bias", (d,))}
+    dense, ln = _torch_layer_readers(r, d)
 
     params: dict[str, Any] = {
         "patch_embed": {
@@ -555,14 +564,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[str
     )
     d, p, c, m = cfg.dim, cfg.patch_size, cfg.in_chans, cfg.mlp_dim
 
-    def dense(name: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, np.ndarray]:
-        out = {"kernel": r.take(f"{name}.weight", (n_out, n_in)).T}
-        if bias:
-            out["bias"] = r.take(f"{name}.bias", (n_out,))
-        return out
-
-    def ln(name: str) -> dict[str, np.ndarray]:
-        return {"scale": r.take(f"{name}.weight", (d,)), "bias": r.take(f"{name}.bias", (d,))}
+    dense, ln = _torch_layer_readers(r, d)
 
     e = "embeddings"
     params: dict[str, Any] = {
