@@ -41,6 +41,11 @@ Design decisions:
   observed values. Under ``jax.jit`` the rules still trace and compute, but
   only the static checks (shapes, bits, percentiles) run.
 * Ties between candidates go to the first percentile in ``percentiles``.
+* **Same result with and without jit.** The passes over the data (order
+  statistics, min/max, candidate errors) run jitted; the few numbers per channel
+  that define the quantizer (interpolated quantiles, scales, zero points) are
+  computed on the host, one float32 rounding per operation, so that
+  ``jax.disable_jit()`` gives bitwise the same quantizers.
 
 Example:
     >>> import numpy as np
@@ -153,7 +158,12 @@ def _check_data(x, *, nonnegative: bool = False) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# Building blocks (traceable).
+# Building blocks. The data passes (order statistics, min/max, candidate errors) run
+# jitted on the device; the few per-channel numbers that define the quantizer are then
+# computed on the host in float32 NumPy, one rounding per operation. Fused under jit,
+# XLA would contract ``a + d·t`` into an FMA and turn ``/ c`` into ``* (1/c)``, so the
+# same rule run with and without ``jax.disable_jit`` would give scales an ulp apart.
+# Under a caller's ``jax.jit`` (tracers) the same formulas run in ``jax.numpy``.
 
 
 def _channels_first(x: jax.Array, axis: int | None) -> jax.Array:
@@ -163,27 +173,32 @@ def _channels_first(x: jax.Array, axis: int | None) -> jax.Array:
     return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
-def _lerp(a: jax.Array, b: jax.Array, t: float) -> jax.Array:
-    """NumPy's ``_lerp`` (used by ``np.quantile``) for a static weight ``t``."""
-    diff = b - a
-    if t >= 0.5:
-        return b - diff * np.float32(1.0 - t)
-    return a + diff * np.float32(t)
+def _host(*arrays):
+    """``(numpy, arrays as NumPy)``, or ``(jax.numpy, arrays)`` when any is a tracer."""
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return (jnp, *arrays)
+    return (np, *(np.asarray(a) for a in arrays))
 
 
-def _quantiles(x2d: jax.Array, probs: tuple[float, ...]) -> jax.Array:
-    """Exact linear-interpolation quantiles along the last axis: ``(len(probs), C)``.
+def _quantile_spots(n: int, probs: tuple[float, ...]) -> list[tuple[bool, int, int, float]]:
+    """``(upper tail, i, j, t)`` per probability: ``q = lerp(x_(i), x_(j), t)``.
 
-    The interpolation positions ``(n - 1)·p`` are Python floats (double), as in
-    ``np.quantile``, so the result is exact for any ``n``.
+    The positions ``(n - 1)·p`` are Python floats (double), as in ``np.quantile``, so
+    the result is exact for any ``n``.
     """
-    n = x2d.shape[-1]
     spots = []
     for p in probs:
         pos = (n - 1) * p
         i = min(int(math.floor(pos)), n - 1)
-        j = min(i + 1, n - 1)
-        spots.append((p >= 0.5, i, j, pos - i))
+        spots.append((p >= 0.5, i, min(i + 1, n - 1), pos - i))
+    return spots
+
+
+@functools.partial(jax.jit, static_argnames=("probs",))
+def _order_stats(x2d: jax.Array, probs: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
+    """The order statistics ``x_(i)`` and ``x_(j)`` of each spot along the last axis, ``(P, C)`` each."""
+    n = x2d.shape[-1]
+    spots = _quantile_spots(n, probs)
     k_top = max([n - i for upper, i, _, _ in spots if upper], default=0)
     k_bot = max([j + 1 for upper, _, j, _ in spots if not upper], default=0)
 
@@ -206,45 +221,49 @@ def _quantiles(x2d: jax.Array, probs: tuple[float, ...]) -> jax.Array:
             del upper
             return xs[:, idx]
 
-    out = [
-        _lerp(order_stat(upper, i), order_stat(upper, j), t) for upper, i, j, t in spots
-    ]
-    return jnp.stack(out)
+    lower = jnp.stack([order_stat(upper, i) for upper, i, _, _ in spots])
+    higher = jnp.stack([order_stat(upper, j) for upper, _, j, _ in spots])
+    return lower, higher
 
 
-def _asymmetric_params(lo: jax.Array, hi: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+def _quantiles(x2d: jax.Array, probs: tuple[float, ...]):
+    """Exact linear-interpolation quantiles along the last axis: ``(len(probs), C)``.
+
+    NumPy's ``_lerp`` (used by ``np.quantile``): ``b - (b - a)·(1 - t)`` for ``t >= 0.5``,
+    else ``a + (b - a)·t``, in float32.
+    """
+    xp, lower, higher = _host(*_order_stats(x2d, probs))
+    out = []
+    for k, (_, _, _, t) in enumerate(_quantile_spots(x2d.shape[-1], probs)):
+        a, b = lower[k], higher[k]
+        diff = b - a
+        out.append(b - diff * np.float32(1.0 - t) if t >= 0.5 else a + diff * np.float32(t))
+    return xp.stack(out)
+
+
+def _asymmetric_params(lo, hi, bits: int):
     """``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)``, with the degenerate-range guard."""
-    levels = float(2**bits - 1)
+    xp, lo, hi = _host(lo, hi)
+    levels = np.float32(2**bits - 1)
     span = hi - lo
-    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    ok = (span >= MIN_RANGE) & (span * _MAX_ZERO_POINT >= mag * levels)
-    scale = jnp.where(ok, span, jnp.maximum(mag, MIN_RANGE)) / levels
-    zero_point = jnp.round(-lo / scale)
-    return scale, jnp.where(zero_point == 0, 0.0, zero_point)  # no -0.0
+    mag = xp.maximum(xp.abs(lo), xp.abs(hi))
+    ok = (span >= MIN_RANGE) & (span * np.float32(_MAX_ZERO_POINT) >= mag * levels)
+    scale = xp.where(ok, span, xp.maximum(mag, np.float32(MIN_RANGE))) / levels
+    zero_point = xp.round(-lo / scale)
+    return scale, xp.where(zero_point == 0, np.float32(0), zero_point)  # no -0.0
 
 
-def _symmetric_scale(lo: jax.Array, hi: jax.Array, bits: int) -> jax.Array:
-    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return jnp.maximum(mag, MIN_RANGE) / float(2 ** (bits - 1) - 1)
+def _symmetric_scale(lo, hi, bits: int):
+    xp, lo, hi = _host(lo, hi)
+    mag = xp.maximum(xp.abs(lo), xp.abs(hi))
+    return xp.maximum(mag, np.float32(MIN_RANGE)) / np.float32(2 ** (bits - 1) - 1)
 
 
-def _range_params(lo, hi, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+def _range_params(lo, hi, bits: int, symmetric: bool):
     if symmetric:
         scale = _symmetric_scale(lo, hi, bits)
-        return scale, jnp.zeros_like(scale)
+        return scale, scale * 0
     return _asymmetric_params(lo, hi, bits)
-
-
-def _uniform_mse(x2d, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
-    """Per-row MSE of the uniform fake quantizer with per-row ``(C,)`` params."""
-    xhat = quantizers._uniform_forward(x2d, scale[:, None], zero_point[:, None], qmin, qmax)
-    return jnp.mean(jnp.square(xhat - x2d), axis=-1)
-
-
-def _log_mse(x2d, scale, bits: int, sqrt2: bool) -> jax.Array:
-    codes = quantizers._log_codes(x2d, scale, bits, sqrt2)
-    xhat = quantizers._log_values(codes, scale, bits, sqrt2)
-    return jnp.mean(jnp.square(xhat - x2d))
 
 
 def _code_limits(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -261,43 +280,38 @@ def _finish(scale, zero_point, bits: int, axis: int | None, symmetric: bool) -> 
     return quantizers.uniform(scale, zero_point, bits, axis=axis)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "symmetric"))
-def _minmax_core(x, bits: int, axis: int | None, symmetric: bool):
-    x2d = _channels_first(x, axis)
-    return _range_params(x2d.min(axis=-1), x2d.max(axis=-1), bits, symmetric)
+@jax.jit
+def _min_max(x2d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return x2d.min(axis=-1), x2d.max(axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "p", "symmetric"))
-def _percentile_core(x, bits: int, axis: int | None, p: float, symmetric: bool):
-    hi, lo = _quantiles(_channels_first(x, axis), (p, 1.0 - p))
-    return _range_params(lo, hi, bits, symmetric)
+@functools.partial(jax.jit, static_argnames=("qmin", "qmax"))
+def _uniform_mse_table(x2d, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
+    """``(P, C)`` MSE of the uniform fake quantizer for ``P`` candidate ``(C,)`` params."""
+
+    def mse(s, z):
+        xhat = quantizers._uniform_forward(x2d, s[:, None], z[:, None], qmin, qmax)
+        return jnp.mean(jnp.square(xhat - x2d), axis=-1)
+
+    return jax.vmap(mse)(jnp.asarray(scale), jnp.asarray(zero_point))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "axis", "percentiles", "symmetric"))
-def _search_uniform_core(x, bits: int, axis: int | None, percentiles, symmetric: bool):
-    x2d = _channels_first(x, axis)
-    n_cand = len(percentiles)
-    q = _quantiles(x2d, percentiles + tuple(1.0 - p for p in percentiles))
-    scale, zero_point = _range_params(q[n_cand:], q[:n_cand], bits, symmetric)  # (P, C)
-    qmin, qmax = _code_limits(bits, symmetric)
-    mse = jnp.stack(
-        [_uniform_mse(x2d, scale[k], zero_point[k], qmin, qmax) for k in range(n_cand)]
-    )  # (P, C)
-    best = jnp.argmin(mse, axis=0)[None]
-    return (
-        jnp.take_along_axis(scale, best, axis=0)[0],
-        jnp.take_along_axis(zero_point, best, axis=0)[0],
-    )
+@functools.partial(jax.jit, static_argnames=("bits", "sqrt2"))
+def _log_mse_table(x: jax.Array, scales, bits: int, sqrt2: bool) -> jax.Array:
+    """``(P,)`` MSE of the log quantizer for ``P`` candidate scales."""
+
+    def mse(s):
+        xhat = quantizers._log_values(quantizers._log_codes(x, s, bits, sqrt2), s, bits, sqrt2)
+        return jnp.mean(jnp.square(xhat - x))
+
+    return jax.vmap(mse)(jnp.asarray(scales))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "percentiles", "sqrt2"))
-def _search_log_core(x, bits: int, percentiles, sqrt2: bool):
-    x2d = x.reshape(1, -1)
-    q = _quantiles(x2d, percentiles)[:, 0]  # (P,)
-    xmax = x2d.max()
-    scale = jnp.where(q > 0, q, jnp.where(xmax > 0, xmax, 1.0))
-    mse = jnp.stack([_log_mse(x2d, scale[k], bits, sqrt2) for k in range(len(percentiles))])
-    return scale[jnp.argmin(mse)]
+def _pick(candidates, errors):
+    """Per column, the candidate (row) with the lowest error; ties go to the first."""
+    xp, candidates, errors = _host(candidates, errors)
+    best = xp.argmin(errors, axis=0)[None]
+    return xp.take_along_axis(candidates, best, axis=0)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -330,7 +344,7 @@ def minmax(x, bits: int, axis: int | None = None, symmetric: bool = False) -> Qu
     bits = quantizers._check_bits(bits)
     x = _check_data(x)
     axis = _check_axis(axis, x.ndim)
-    scale, zero_point = _minmax_core(x, bits, axis, bool(symmetric))
+    scale, zero_point = _range_params(*_min_max(_channels_first(x, axis)), bits, bool(symmetric))
     return _finish(scale, zero_point, bits, axis, symmetric)
 
 
@@ -364,7 +378,8 @@ def percentile(
     p = _check_percentile(p)
     x = _check_data(x)
     axis = _check_axis(axis, x.ndim)
-    scale, zero_point = _percentile_core(x, bits, axis, p, bool(symmetric))
+    hi, lo = _quantiles(_channels_first(x, axis), (p, 1.0 - p))
+    scale, zero_point = _range_params(lo, hi, bits, bool(symmetric))
     return _finish(scale, zero_point, bits, axis, symmetric)
 
 
@@ -407,7 +422,12 @@ def search_uniform(
     percentiles = _check_percentiles(percentiles)
     x = _check_data(x)
     axis = _check_axis(axis, x.ndim)
-    scale, zero_point = _search_uniform_core(x, bits, axis, percentiles, bool(symmetric))
+    x2d = _channels_first(x, axis)
+    q = _quantiles(x2d, percentiles + tuple(1.0 - p for p in percentiles))
+    n_cand = len(percentiles)
+    scale, zero_point = _range_params(q[n_cand:], q[:n_cand], bits, bool(symmetric))  # (P, C)
+    errors = _uniform_mse_table(x2d, scale, zero_point, *_code_limits(bits, bool(symmetric)))
+    scale, zero_point = _pick(scale, errors), _pick(zero_point, errors)
     return _finish(scale, zero_point, bits, axis, symmetric)
 
 
@@ -444,7 +464,11 @@ def search_log_sqrt2(
         raise ValueError(f"kind must be 'log_sqrt2' or 'log2', got {kind!r}")
     percentiles = _check_percentiles(percentiles)
     x = _check_data(x, nonnegative=True)
-    scale = _search_log_core(x, bits, percentiles, kind == "log_sqrt2")
+    flat = x.reshape(1, -1)
+    xp, q, xmax = _host(_quantiles(flat, percentiles)[:, 0], jnp.max(x))
+    scales = xp.where(q > 0, q, xp.where(xmax > 0, xmax, np.float32(1)))  # (P,)
+    errors = _log_mse_table(flat, scales, bits, kind == "log_sqrt2")
+    scale = _pick(scales[:, None], errors[:, None])[0]
     if kind == "log2":
         return quantizers.log2(scale, bits)
     return quantizers.log_sqrt2(scale, bits)

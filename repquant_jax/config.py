@@ -97,6 +97,10 @@ class Reconstruction:
       beta_start, beta_end: annealing range of the regularizer's exponent.
       warmup: fraction of steps without the regularizer.
       max_rows: calibration tokens sampled per site for the loss.
+      held_out: tokens kept out of training, as a fraction of ``max_rows`` (when the
+        calibration data has them): the learned rounding of a site is kept only if it
+        lowers the output error on them, so that overfitting falls back to nearest
+        rounding. 0 judges on the training tokens.
     """
 
     steps: int = 200
@@ -106,6 +110,11 @@ class Reconstruction:
     beta_end: float = 2.0
     warmup: float = 0.2
     max_rows: int = 1024
+    held_out: float = 0.25
+
+    def __post_init__(self):
+        if not 0 <= self.held_out < 1:
+            raise ValueError(f"Reconstruction.held_out must be in [0, 1), got {self.held_out}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -6,8 +6,9 @@
   the fold, in forward order, matching the float model's matmul outputs on the
   quantized model's inputs.
 
-Both keep the result only if it lowers their loss on the calibration rows, so they never
-make a site worse on the data they were fitted to.
+Both keep the result only if it lowers their loss (dual clipping: on the calibration rows;
+reconstruction: on calibration tokens held out of its training), so they never make a site
+worse on the data they are judged on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ from repquant_jax.config import DualClipping, QuantConfig, Reconstruction
 from repquant_jax.fold import weight_from_matrix, weight_matrix
 
 __all__ = ["learn_dual_clipping", "reconstruct_weights"]
+
+
+def _compiled():
+    """Runs the optimization steps jitted even under ``jax.disable_jit()``.
+
+    Compiled, XLA fuses multiply-adds into FMAs; op by op it rounds each product, so
+    the learned clipping and rounding would depend on the jit mode by float32 rounding.
+    These loops are internal, so they always take the compiled path and ``transform``
+    gives bitwise-identical results either way (the rest of calibration runs op by op
+    in both modes).
+    """
+    return jax.disable_jit(False)
 
 
 def _round_ste(x):
@@ -129,8 +142,9 @@ def learn_dual_clipping(
 
     before = hard_loss(quantizer)
     params, state = logits, optimizer.init(logits)
-    for _ in range(config.steps):
-        params, state, _ = step(params, state)
+    with _compiled():
+        for _ in range(config.steps):
+            params, state, _ = step(params, state)
     learned = hard(params)
     after = hard_loss(learned)
     if after >= before:
@@ -152,16 +166,26 @@ def adaround_matrix(
     x_q: jax.Array,
     x_fp: jax.Array,
     config: Reconstruction,
+    held_out: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, float, float]:
     """Learns the rounding of a ``[K, N]`` weight matrix (per-column quantizer ``qp``).
 
     Minimizes ``mean_rows ||x_q @ Ŵ - x_fp @ W||²`` plus AdaRound's regularizer that
     drives every soft rounding to 0 or 1.
 
+    Args:
+      w: the weight matrix.
+      qp: its per-column (or per-tensor) uniform quantizer.
+      x_q, x_fp: training rows: the matmul's input in the quantized and float models.
+      config: steps, learning rate and regularizer schedule.
+      held_out: ``(x_q, x_fp)`` rows kept out of training. The learned rounding is kept
+        only if it lowers the error on them (on the training rows when None): with
+        ``K·N`` rounding choices and a few thousand rows, learning can overfit.
+
     Returns:
       ``(w_on_grid, loss_before, loss_after)``: a matrix whose fake quantization with
       ``qp`` gives the learned codes (``w`` itself, on the grid of nearest rounding, if
-      learning did not help).
+      learning did not help), and the judged error of nearest and of the result.
     """
     if qp.kind not in ("uniform", "symmetric"):
         raise ValueError(f"weight reconstruction needs a uniform weight quantizer, got {qp.kind}")
@@ -195,17 +219,24 @@ def adaround_matrix(
 
     warm = int(config.steps * config.warmup)
     v, state = v0, optimizer.init(v0)
-    for i in range(config.steps):
-        if i < warm:
-            beta, lam = config.beta_start, 0.0
-        else:
-            t = (i - warm) / max(1, config.steps - warm)
-            beta, lam = config.beta_end + (config.beta_start - config.beta_end) * (1 - t), config.reg_weight
-        v, state = step(v, state, jnp.float32(beta), jnp.float32(lam))
+    with _compiled():
+        for i in range(config.steps):
+            if i < warm:
+                beta, lam = config.beta_start, 0.0
+            else:
+                t = (i - warm) / max(1, config.steps - warm)
+                beta, lam = config.beta_end + (config.beta_start - config.beta_end) * (1 - t), config.reg_weight
+            v, state = step(v, state, jnp.float32(beta), jnp.float32(lam))
 
     nearest = jnp.round(rest + w_floor) - w_floor  # 0/1: ordinary rounding
-    before = float(rec(nearest))
     learned = (_adaround_h(v) >= 0.5).astype(w.dtype)
+    if held_out is not None:
+        x_q, x_fp = held_out
+
+        def rec(h):
+            return jnp.sum((x_q @ dequant(h) - x_fp @ w) ** 2) / x_q.shape[0]
+
+    before = float(rec(nearest))
     after = float(rec(learned))
     if after >= before:
         return dequant(nearest), before, before
@@ -251,14 +282,17 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
         for p in plan.points if p.name in qparams.input_offsets
     }
     _, rewrites = quant_hooks(graph, plan, qparams)
-    picks: dict[str, np.ndarray] = {}
+    picks: dict[str, np.ndarray] = {}  # sampled rows: training rows, then held-out rows
+    split: dict[str, int] = {}
     float_rows: dict[str, jax.Array] = {}
 
     def recorder(w):
         def hook(args):
             x = jnp.concatenate([_rows(a[1 - w.weight_operand], x_contracting(w)) for a in args])
             if w.name not in picks:
-                picks[w.name] = np.sort(rng.choice(x.shape[0], size=min(rc.max_rows, x.shape[0]), replace=False))
+                total = min(int(rc.max_rows * (1 + rc.held_out)), x.shape[0])
+                picks[w.name] = rng.choice(x.shape[0], size=total, replace=False)
+                split[w.name] = total - int(round(total * rc.held_out / (1 + rc.held_out)))
             float_rows[w.name] = x[picks[w.name]]
             return args
 
@@ -276,11 +310,15 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
             x_q = jnp.concatenate([_rows(a[1 - w.weight_operand], x_contracting(w)) for a in args])[picks[w.name]]
             leaf = leaves[w.param_index].reshape(-1)
             matrix = weight_matrix(jnp.asarray(leaf[w.kernel_index], jnp.float32), w.contracting)
-            new, before, after = adaround_matrix(matrix, qparams.weights[w.name], x_q, float_rows[w.name], rc)
+            x_fp, n = float_rows[w.name], split[w.name]
+            held_out = (x_q[n:], x_fp[n:]) if n < x_q.shape[0] else None
+            new, before, after = adaround_matrix(matrix, qparams.weights[w.name], x_q[:n], x_fp[:n], rc, held_out)
             view = np.asarray(weight_from_matrix(new, w.weight_shape, w.contracting))
             updates.append((w, view))  # applied after the pass: leaves may back live arrays
             done.append((w.name, before, after))
-            progress(f"reconstructed {w.name}: output MSE {before:.3g} -> {after:.3g} ({len(done)}/{len(sites)})")
+            judged = "held-out output MSE" if held_out is not None else "output MSE"
+            kept = "" if after < before else ", kept nearest rounding"
+            progress(f"reconstructed {w.name}: {judged} {before:.3g} -> {after:.3g}{kept} ({len(done)}/{len(sites)})")
             new_operand = jnp.asarray(view, args[0][w.weight_operand].dtype)
             return [[new_operand if i == w.weight_operand else v for i, v in enumerate(a)] for a in args]
 

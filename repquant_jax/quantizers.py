@@ -51,7 +51,9 @@ Design decisions:
   ``qmax - z`` / ``qmin - z`` above / below; ``∂x̂/∂z = 0`` inside, ``-s``
   outside), so clipping ranges can be learned with optax; wrap them in
   :func:`jax.lax.stop_gradient` to treat them as constants. The log kinds use
-  the plain identity STE (``∂x̂/∂x = 1``, no gradient to the scale).
+  the plain identity STE (``∂x̂/∂x = 1``, no gradient to the scale). The
+  estimators are ``jax.custom_jvp`` rules, so the forward pass computes only
+  the quantize-dequantize expression and fuses into neighbouring kernels.
 * **Validation.** Constructors raise ``ValueError`` for bits outside 2..16,
   badly shaped scales or zero points, and (when the scale is concrete, i.e. not
   traced under ``jit``) non-positive or non-finite scales. :func:`quantize` and
@@ -409,40 +411,43 @@ def _log_values(codes: jax.Array, s: jax.Array, bits: int, sqrt2: bool) -> jax.A
     return jnp.where(zero, 0.0, mult * _pow2_neg(e)).astype(jnp.float32)
 
 
-def _zero_valued(g: jax.Array) -> jax.Array:
-    """``g - stop_gradient(g)``: exactly 0 in the forward pass, gradient of ``g``."""
-    return g - jax.lax.stop_gradient(g)
+# The straight-through estimators are custom JVPs: the forward pass is then exactly the
+# quantize-dequantize expression, which XLA fuses into the neighbouring kernels, instead
+# of carrying a zero-valued gradient term (``g - stop_gradient(g)``) whose forward
+# computation it cannot remove.
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _fake_quant_uniform(x, s, z, qmin: int, qmax: int) -> jax.Array:
-    """Uniform fake quant: exact forward, clipped STE for x, LSQ for s and z.
+    """Uniform fake quant: exact forward, clipped STE for x, LSQ for s and z."""
+    return _uniform_forward(x, s, z, qmin, qmax)
 
-    Built from ``stop_gradient`` only (no ``custom_jvp``), so the gradient
-    survives any re-tracing that inlines custom-derivative primitives.
-    """
-    sg = jax.lax.stop_gradient
-    y = _uniform_forward(x, s, z, qmin, qmax)
-    x0, s0, z0 = sg(x), sg(s), sg(z)
-    v = x0 / s0
-    lo = (qmin - z0) * s0
-    hi = (qmax - z0) * s0
-    inside = (x0 >= lo) & (x0 <= hi)
-    above = x0 > hi
-    # Inside: d/dx = 1, d/ds = round(v) - v (LSQ), d/dz = 0. The coefficient is
-    # zeroed outside so that no Inf/NaN can leak into a masked gradient.
+
+@_fake_quant_uniform.defjvp
+def _fake_quant_uniform_jvp(qmin, qmax, primals, tangents):
+    x, s, z = primals
+    dx, ds, dz = tangents
+    v = x / s
+    inside = (x >= (qmin - z) * s) & (x <= (qmax - z) * s)
+    # Inside: d/dx = 1, d/ds = round(v) - v (LSQ), d/dz = 0. Outside: the clipped value
+    # (bound - z)·s. The coefficient is zeroed outside so no Inf/NaN leaks through.
     c = jnp.where(inside, jnp.round(v) - v, 0.0)
-    g_inside = x + c * s
-    g_outside = (jnp.where(above, float(qmax), float(qmin)) - z) * s
-    g = jnp.where(inside, g_inside, g_outside)
-    return sg(y) + _zero_valued(g)
+    bound = jnp.where(x > (qmax - z) * s, float(qmax), float(qmin)) - z
+    dy = jnp.where(inside, dx + c * ds, bound * ds - s * dz)
+    return _uniform_forward(x, s, z, qmin, qmax), dy.astype(x.dtype)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _fake_quant_log(x, s, bits: int, sqrt2: bool) -> jax.Array:
     """Log fake quant with an identity STE for x (no gradient to s)."""
-    sg = jax.lax.stop_gradient
-    y = _log_values(_log_codes(sg(x), sg(s), bits, sqrt2), sg(s), bits, sqrt2)
-    t = jnp.where(jnp.isfinite(sg(x)), x, 0.0)
-    return y.astype(x.dtype) + _zero_valued(t)
+    return _log_values(_log_codes(x, s, bits, sqrt2), s, bits, sqrt2).astype(x.dtype)
+
+
+@_fake_quant_log.defjvp
+def _fake_quant_log_jvp(bits, sqrt2, primals, tangents):
+    x, s = primals
+    dx, _ = tangents
+    return _fake_quant_log(x, s, bits, sqrt2), jnp.where(jnp.isfinite(x), dx, 0.0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -142,6 +142,18 @@ class Reservoir:
         self.data, self._keys = values, keys
 
 
+def _placed_like(params: Any, like: Any) -> Any:
+    """``params`` with each leaf put on the sharding of its counterpart in ``like``
+    where that is spread over several devices (a user's sharded params stay sharded)."""
+
+    def place(leaf, original):
+        if isinstance(original, jax.Array) and len(original.sharding.device_set) > 1:
+            return jax.device_put(leaf, original.sharding)
+        return leaf
+
+    return jax.tree_util.tree_map(place, params, like)
+
+
 def _check_params(params: Any) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         arr = np.asarray(leaf)
@@ -367,7 +379,7 @@ class QApply:
             [jnp.asarray(leaf, dtype=o.dtype) for leaf, o in zip(leaves, originals)],
         )
         weights = {k: v for k, v in qparams.weights.items() if k not in frozen}
-        return qparams.replace(params=params, weights=weights)
+        return qparams.replace(params=_placed_like(params, qparams.params), weights=weights)
 
     def _call(self, qparams: QParams, *inputs: Any) -> Any:
         graph, plan = self.analysis(qparams.params, inputs)
@@ -588,6 +600,7 @@ def transform(
     progress("done")
     if verbose:
         print(report.summary(), flush=True)
+    qparams = qparams.replace(params=_placed_like(qparams.params, params))
     return qparams, QApply(apply_fn, params_treedef, report)
 
 

@@ -71,6 +71,19 @@ def test_same_seed_gives_bitwise_identical_qparams_and_inputs_are_untouched():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("preset", ["minmax", "percentile", "repq_vit", "repquant"])
+def test_qparams_are_bitwise_identical_with_and_without_jit(preset):
+    m = zoo.linen_vit_block(batch=4, seq=8)
+    small = {"dual_clipping": repquant.DualClipping(steps=5), "reconstruction": repquant.Reconstruction(steps=5)}
+    config = getattr(P, preset)(4, 4, **(small if preset == "repquant" else {}))
+    jitted = repquant.transform(m.apply_fn, m.params, [m.inputs], config, verbose=False)[0]
+    with jax.disable_jit():
+        eager = repquant.transform(m.apply_fn, m.params, [m.inputs], config, verbose=False)[0]
+    a, b = (jax.tree_util.tree_leaves(r) for r in (jitted, eager))
+    assert len(a) == len(b)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_qapply_retraces_for_new_shapes_and_checks_the_params_structure(vit_block):
     m = vit_block
     q, qa = repquant.transform(m.apply_fn, m.params, _calib(m), P.repq_vit(), verbose=False)
