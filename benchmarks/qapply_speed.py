@@ -5,11 +5,14 @@ encoder (12 layers, dim 768, 128 tokens, batch 8) and a small LLaMA (4 layers, d
 256 tokens, batch 8): median wall time of the jitted float apply and of `qapply` at W4A4
 (repq_vit quantizers: per-tensor activations after the fold, log√2 softmax, per-channel
 weights; the learned presets have the same quantizer structure), and their ratio, also
-with the weights frozen onto their grids (`qapply.freeze`, inference only). Also
-counts the fusions and elementwise kernels in the optimized HLO, to check that
-quantize/dequantize fuse into neighbouring kernels instead of adding passes.
+with the weights frozen onto their grids (`qapply.freeze`, inference only). The three
+are timed round by round (float, qapply, frozen, float, ...), so that load drift on a
+shared machine hits them alike. Also counts the kernels (top-level fusions) of the
+optimized float and qapply programs: the difference is the number of extra passes over
+memory that quantization costs (quantize/dequantize work that XLA did not fuse into the
+kernels producing or consuming the activations).
 
-    python benchmarks/qapply_speed.py [--repeats 10]
+    python benchmarks/qapply_speed.py [--repeats 15]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import statistics
 import time
 
 import jax
@@ -24,13 +28,13 @@ import jax.numpy as jnp
 
 import repquant_jax as repquant
 from repquant_jax.models import bert, llama, vit
-from timing import median_time
+from timing import interleaved_times
 
 
 def hlo_stats(compiled_text: str) -> str:
-    fusions = len(re.findall(r"^\s*\S+ = \S+ fusion\(", compiled_text, flags=re.M))
-    calls = compiled_text.count("custom-call")
-    return f"{fusions} fusions, {calls} custom-calls"
+    entry = compiled_text[compiled_text.index("\nENTRY"):]
+    kernels = len(re.findall(r"^\s*\S+ = \S+ fusion\(", entry, flags=re.M))
+    return f"{kernels} kernels, {compiled_text.count('custom-call')} custom-calls"
 
 
 def models():
@@ -54,24 +58,26 @@ def models():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     print(f"# qapply speed, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.devices()[0].platform} "
           f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
-    print("| model | float (ms) | qapply W4A4 (ms) | ratio | frozen qapply (ms) | ratio | float HLO | qapply HLO |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | float (ms) | qapply W4A4 (ms) | ratio | frozen qapply (ms) | ratio | float HLO | qapply HLO "
+          "| frozen HLO |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, apply_fn, params, inputs in models():
         qparams, qapply = repquant.transform(apply_fn, params, [inputs], repquant.presets.repq_vit(4, 4), verbose=False)
         forward = jax.jit(apply_fn)
-        t_float = median_time(lambda: forward(params, *inputs), args.repeats)
-        t_quant = median_time(lambda: qapply(qparams, *inputs), args.repeats)
         frozen = qapply.freeze(qparams, *inputs)
-        t_frozen = median_time(lambda: qapply(frozen, *inputs), args.repeats)
+        t_float, t_quant, t_frozen = (statistics.median(t) for t in interleaved_times(
+            [lambda: forward(params, *inputs), lambda: qapply(qparams, *inputs), lambda: qapply(frozen, *inputs)],
+            args.repeats,
+        ))
         float_hlo = forward.lower(params, *inputs).compile().as_text()
-        quant_hlo = jax.jit(qapply._call).lower(qparams, *inputs).compile().as_text()
+        quant_hlo, frozen_hlo = (jax.jit(qapply._call).lower(q, *inputs).compile().as_text() for q in (qparams, frozen))
         print(f"| {name} | {1e3 * t_float:.1f} | {1e3 * t_quant:.1f} | {t_quant / t_float:.2f}x | "
               f"{1e3 * t_frozen:.1f} | {t_frozen / t_float:.2f}x | "
-              f"{hlo_stats(float_hlo)} | {hlo_stats(quant_hlo)} |", flush=True)
+              f"{hlo_stats(float_hlo)} | {hlo_stats(quant_hlo)} | {hlo_stats(frozen_hlo)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,13 @@ def median_time(fn, repeats: int = 5) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_times(fns: list, repeats: int) -> list[list[float]]:
+    """Wall times of each ``fn()``, timed round by round (each call warm, right after an
+    untimed one), so that load drift on a shared machine hits every candidate alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(median_time(fn, 1))
+    return times

@@ -79,6 +79,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def short_reason(e: BaseException) -> str:
+    """One table-safe line naming an exception (for cells that read ``fails: ...``)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:120]}".replace("|", "/")
+
+
 def machine() -> str:
     import platform
 

@@ -7,9 +7,10 @@ Models and metrics:
 * ``minilm``: all-MiniLM-L6 sentence encoder on gensim's Lee benchmark (50 documents, 1225
   pairs): Spearman and Pearson correlation (×100) of the cosine similarity of each pair's
   embeddings with the mean human score, and the mean cosine (×100) between each document's
-  quantized and float embedding. Every input (calibration and Lee) is padded to one fixed
-  length (the longest Lee document, rounded up to 8). Calibration: ``samples`` documents of
-  ``lee_background`` (none of them in the benchmark), each truncated to ``--minilm-tokens``.
+  quantized and float embedding. The Lee documents are padded to the longest one (rounded up
+  to 8). Calibration: ``samples`` documents of ``lee_background`` (none of them in the
+  benchmark), each truncated and padded to ``--minilm-tokens``. Two extra rows keep the
+  unfoldable post-LN norm quantizers per channel (``unfoldable="per_channel"``).
 * ``llama``: the tiny byte-level LLaMA (``experiments/checkpoints/tiny_llama``); perplexity
   per byte on ``--llama-windows`` fixed non-overlapping held-out windows of 129 bytes spread
   evenly over the held-out bytes (as ``train_tiny_llama.py``; exp of the mean next-byte
@@ -22,7 +23,7 @@ data). Columns W4A4, W6A6, W8A8. Each quantized cell: mean ± std over ``--draws
 draws (seeds 0..draws-1) of ``--samples`` samples, one calibration batch per draw. A qwix
 cell that fails reads ``fails: <reason>``. Writes ``experiments/results/ptq_table.md``.
 
-    python experiments/ptq_table.py                                   # full table (hours on CPU)
+    python experiments/ptq_table.py                                   # full table (~45 min on 2 cores)
     python experiments/ptq_table.py --models vit --bits 8 --draws 1   # smoke
     python experiments/ptq_table.py --models llama --bits 8 --draws 1 --repquant-steps 5
 """
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import (REPO, RESULTS, calibration_draw, fashion_mnist_test, load_vit, log, machine, markdown_table,
-                    mean_std, top1)
+                    mean_std, short_reason, top1)
 from qwix_baseline import qwix_ptq
 
 import repquant_jax as repquant
@@ -53,11 +54,6 @@ P = repquant.presets
 METHODS = ["minmax", "percentile", "repq_vit", "repquant"]
 QWIX = {"qwix dynamic": False, "qwix static": True}
 LLAMA_DIR = REPO / "experiments" / "checkpoints" / "tiny_llama"
-
-
-def short_reason(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:120]}".replace("|", "/")
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,7 +120,7 @@ def setup_minilm(args) -> dict:
     length = max(len(e.ids) for e in lee_encs)
     length = min(-(-length // 8) * 8, cfg.max_position_embeddings)
 
-    def pad(id_lists):
+    def pad(id_lists, length=length):
         ids = np.full((len(id_lists), length), cfg.pad_token_id, np.int32)
         mask = np.zeros((len(id_lists), length), np.int32)
         for r, seq in enumerate(id_lists):
@@ -144,7 +140,9 @@ def setup_minilm(args) -> dict:
     draws = []
     for seed in range(args.draws):
         pick = np.random.default_rng([seed, 6]).choice(len(background), args.samples, replace=False)
-        draws.append([pad([truncated(bg_encs[i]) for i in pick])])
+        # Padded to the truncation length only: padding positions are computed but never
+        # used, and must not dominate the calibration statistics.
+        draws.append([pad([truncated(bg_encs[i]) for i in pick], n_tok)])
 
     float_forward = jax.jit(lambda ids, mask: module.apply(variables, ids, mask))
     ref = np.asarray(float_forward(lee_ids, lee_mask))
@@ -165,14 +163,18 @@ def setup_minilm(args) -> dict:
         # Calibration documents are truncated, so their later positions are padding: qwix's default
         # static scales (one per token position) would be fit on padding there. Per-tensor instead.
         qwix_kwargs={"static": {"static_granularity": "per_tensor"}},
+        # The post-LN norms cannot be folded (they also feed the residual): besides the
+        # default per-tensor fallback, the rows with the per-channel policy.
+        variants={f"{x}, unfoldable per_channel": (x, {"unfoldable": "per_channel"}) for x in ("repq_vit", "repquant")},
         description=(
             "Model: all-MiniLM-L6 (mean-pooled, normalised). Lee benchmark (gensim test data): 50 documents, "
             "1225 pairs. Spearman / Pearson: correlation (×100) between the cosine similarity of each pair's "
             "embeddings and the mean human similarity; cos(quant, float): mean over the 50 documents of the "
-            f"cosine (×100) between quantized and float embedding. Every input padded to {length} tokens "
+            f"cosine (×100) between quantized and float embedding. Lee documents padded to {length} tokens "
             f"(longest Lee document, rounded up to 8). Calibration: {args.samples} `lee_background` documents "
-            f"per draw, each truncated to {n_tok} tokens (ending in [SEP]). qwix static uses "
-            "`static_granularity='per_tensor'` (calibration positions past the truncation are padding)."),
+            f"per draw, each truncated and padded to {n_tok} tokens (ending in [SEP]). qwix static uses "
+            "`static_granularity='per_tensor'` (shorter calibration documents end in padding). Rows "
+            "'unfoldable per_channel': the preset with the post-LN norm quantizers kept per channel."),
     )
 
 
@@ -228,11 +230,11 @@ SETUPS: dict[str, Callable[..., dict]] = {"vit": setup_vit, "minilm": setup_mini
 # ----------------------------------------------------------------------------------------
 
 
-def config_for(method: str, bits: int, steps: int | None):
+def config_for(method: str, bits: int, steps: int | None, **overrides):
     if method == "repquant" and steps is not None:
-        return P.repquant(bits, bits, dual_clipping=repquant.DualClipping(steps=steps),
-                          reconstruction=repquant.Reconstruction(steps=steps))
-    return getattr(P, method)(bits, bits)
+        overrides = dict(dual_clipping=repquant.DualClipping(steps=steps),
+                         reconstruction=repquant.Reconstruction(steps=steps), **overrides)
+    return getattr(P, method)(bits, bits, **overrides)
 
 
 def run_model(name: str, args) -> str:
@@ -265,15 +267,16 @@ def run_model(name: str, args) -> str:
         cell_times.append(f"{row} W{bits}A{bits}: {dt:.0f}s")
         log(f"{name} {row} W{bits}A{bits}: {fmt_scores(out)} ({dt:.0f}s, {len(m['draws'])} draw(s))")
 
-    for method in METHODS:
+    variants = m.get("variants", {})  # extra rows: label -> (preset, overrides)
+    for row, (method, overrides) in {**{x: (x, {}) for x in METHODS}, **variants}.items():
         for bits in args.bits:
-            config = config_for(method, bits, args.repquant_steps)
+            config = config_for(method, bits, args.repquant_steps, **overrides)
 
             def per_draw(calib, config=config):
                 qparams, qapply = repquant.transform(apply_fn, variables, calib, config, verbose=False)
                 return evaluate(lambda *x: qapply(qparams, *x))
 
-            cell(method, bits, per_draw)
+            cell(row, bits, per_draw)
     notes: dict[str, list[str]] = {}
     for row, static in QWIX.items():
         kwargs = m["qwix_kwargs"].get("static" if static else "dynamic", {})
@@ -292,7 +295,7 @@ def run_model(name: str, args) -> str:
            is not None else "; repquant with the preset's default steps") + ".")]
     for metric in metrics:
         table_rows = [["float"] + [fmt_value(float_scores[metric])] * len(args.bits)]
-        for row in METHODS + list(QWIX):
+        for row in METHODS + list(variants) + list(QWIX):
             table_rows.append([row] + [rows[row][b][metric] for b in args.bits])
         title = f"### {metric}\n\n" if len(metrics) > 1 else ""
         sections.append(title + markdown_table(["method"] + columns, table_rows))
