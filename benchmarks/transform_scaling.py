@@ -184,18 +184,12 @@ def main() -> None:
         depth_lines += table([get(preset, d, args.depth_sweep_samples) for d in args.depths], "depth")
         sample_lines += table([get(preset, args.sample_sweep_depth, n) for n in args.sample_counts], "samples")
 
-    print()
-    print(f"## vs depth ({args.depth_sweep_samples} calibration images)")
-    print()
-    print(columns.format(per="s / layer"))
-    print(rule)
-    print("\n".join(depth_lines))
-    print()
-    print(f"## vs calibration images (depth {args.sample_sweep_depth})")
-    print()
-    print(columns.format(per="s / sample"))
-    print(rule)
-    print("\n".join(sample_lines))
+    for title, per, lines in ((f"vs depth ({args.depth_sweep_samples} calibration images)", "s / layer", depth_lines),
+                              (f"vs calibration images (depth {args.sample_sweep_depth})", "s / sample", sample_lines)):
+        print(f"\n## {title}\n")
+        print(columns.format(per=per))
+        print(rule)
+        print("\n".join(lines))
     print()
     print("Ratios are to the sweep's smallest configuration of the same preset; 'ideal' is linear growth. "
           "'added by transform' is the peak RSS minus the peak before transform (runtime, parameters, images).")

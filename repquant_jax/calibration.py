@@ -261,8 +261,8 @@ def _symmetric_scale(lo, hi, bits: int):
 
 def _range_params(lo, hi, bits: int, symmetric: bool):
     if symmetric:
-        scale = _symmetric_scale(lo, hi, bits)
-        return scale, scale * 0
+        xp, scale = _host(_symmetric_scale(lo, hi, bits))
+        return scale, xp.zeros_like(scale)
     return _asymmetric_params(lo, hi, bits)
 
 

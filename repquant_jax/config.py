@@ -89,6 +89,10 @@ class Reconstruction:
 
     Each weight matmul, in forward order, learns whether to round every weight up or
     down so that its output on the quantized model's inputs matches the float model's.
+    It fits the calibration data closely: calibrate on inputs like those of inference
+    (for text, the same sequence lengths; MiniLM calibrated on 64-token truncations and
+    evaluated on documents of up to 160 tokens got worse with it, see
+    experiments/RESULTS.md).
 
     Attributes:
       steps: Adam steps per weight site.
@@ -98,9 +102,9 @@ class Reconstruction:
       warmup: fraction of steps without the regularizer.
       max_rows: calibration tokens sampled per site for the loss.
       held_out: tokens kept out of training, as a fraction of ``max_rows`` (when the
-        calibration data has them): the learned rounding of a site is kept only if it
-        lowers the output error on them, so that overfitting falls back to nearest
-        rounding. 0 judges on the training tokens.
+        calibration data has them): each output column keeps its learned rounding only
+        if that lowers the column's error on them, so that overfitting falls back to
+        nearest rounding. 0 judges on the training tokens.
     """
 
     steps: int = 200

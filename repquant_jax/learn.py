@@ -6,9 +6,10 @@
   the fold, in forward order, matching the float model's matmul outputs on the
   quantized model's inputs.
 
-Both keep the result only if it lowers their loss (dual clipping: on the calibration rows;
-reconstruction: on calibration tokens held out of its training), so they never make a site
-worse on the data they are judged on.
+Both keep what they learn only where it lowers their loss (dual clipping: a group's bounds,
+on the calibration rows; reconstruction: each output column's rounding, on calibration
+tokens held out of its training), so they never make a site worse on the data they are
+judged on.
 """
 
 from __future__ import annotations
@@ -178,14 +179,15 @@ def adaround_matrix(
       qp: its per-column (or per-tensor) uniform quantizer.
       x_q, x_fp: training rows: the matmul's input in the quantized and float models.
       config: steps, learning rate and regularizer schedule.
-      held_out: ``(x_q, x_fp)`` rows kept out of training. The learned rounding is kept
-        only if it lowers the error on them (on the training rows when None): with
-        ``K·N`` rounding choices and a few thousand rows, learning can overfit.
+      held_out: ``(x_q, x_fp)`` rows kept out of training. Each output column keeps its
+        learned rounding only if that lowers the column's error on them (on the training
+        rows when None): with ``K·N`` rounding choices and a few thousand rows, learning
+        can overfit.
 
     Returns:
       ``(w_on_grid, loss_before, loss_after)``: a matrix whose fake quantization with
-      ``qp`` gives the learned codes (``w`` itself, on the grid of nearest rounding, if
-      learning did not help), and the judged error of nearest and of the result.
+      ``qp`` gives the chosen codes (per column learned or nearest rounding), and the
+      judged error of nearest rounding and of the result.
     """
     if qp.kind not in ("uniform", "symmetric"):
         raise ValueError(f"weight reconstruction needs a uniform weight quantizer, got {qp.kind}")
@@ -230,17 +232,17 @@ def adaround_matrix(
 
     nearest = jnp.round(rest + w_floor) - w_floor  # 0/1: ordinary rounding
     learned = (_adaround_h(v) >= 0.5).astype(w.dtype)
-    if held_out is not None:
-        x_q, x_fp = held_out
+    judge_q, judge_fp = held_out if held_out is not None else (x_q, x_fp)
 
-        def rec(h):
-            return jnp.sum((x_q @ dequant(h) - x_fp @ w) ** 2) / x_q.shape[0]
+    def column_errors(h):
+        return jnp.sum((judge_q @ dequant(h) - judge_fp @ w) ** 2, axis=0) / judge_q.shape[0]
 
-    before = float(rec(nearest))
-    after = float(rec(learned))
-    if after >= before:
-        return dequant(nearest), before, before
-    return dequant(learned), before, after
+    # A column's rounding changes only its own output, so each column keeps whichever
+    # rounding has the lower error.
+    e_nearest, e_learned = column_errors(nearest), column_errors(learned)
+    better = e_learned < e_nearest
+    chosen = jnp.where(better, learned, nearest)
+    return dequant(chosen), float(e_nearest.sum()), float(jnp.where(better, e_learned, e_nearest).sum())
 
 
 def _rows(operand: jax.Array, contracting: Sequence[int]) -> jax.Array:
@@ -317,7 +319,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
             updates.append((w, view))  # applied after the pass: leaves may back live arrays
             done.append((w.name, before, after))
             judged = "held-out output MSE" if held_out is not None else "output MSE"
-            kept = "" if after < before else ", kept nearest rounding"
+            kept = "" if after < before else ", kept nearest rounding"  # no column improved
             progress(f"reconstructed {w.name}: {judged} {before:.3g} -> {after:.3g}{kept} ({len(done)}/{len(sites)})")
             new_operand = jnp.asarray(view, args[0][w.weight_operand].dtype)
             return [[new_operand if i == w.weight_operand else v for i, v in enumerate(a)] for a in args]
