@@ -18,7 +18,7 @@ Writes three PNGs into ``experiments/figures/`` (matplotlib, Agg backend):
   mean ± std over calibration draws, float as a horizontal line.
 
     python experiments/figures.py
-    python experiments/figures.py --table experiments/results/ptq_table_preliminary.md
+    python experiments/figures.py --table experiments/results/ptq_table_minilm160.md
 
 The activations are read with repquant's own tracer at the activation points its
 quantizers use (``repquant_jax.inspect`` names them), so they are exactly the tensors the
@@ -460,7 +460,7 @@ def load_ptq_table(path: Path) -> dict[str, ModelTable]:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist: run `python experiments/ptq_table.py` first, or pass "
-            "--table experiments/results/ptq_table_preliminary.md")
+            "--table with another table it wrote")
     tables = parse_ptq_table(path.read_text())
     if not tables:
         raise ValueError(f"{path}: no '## model' section with a '| method | W.. |' table")
