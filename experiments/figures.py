@@ -20,9 +20,10 @@ Writes three PNGs into ``experiments/figures/`` (matplotlib, Agg backend):
     python experiments/figures.py
     python experiments/figures.py --table experiments/results/ptq_table_minilm160.md
 
-The activations are read with repquant's own tracer at the activation points its
-quantizers use (``repquant_jax.inspect`` names them), so they are exactly the tensors the
-quantizers were fitted to (in float: the figure shows no upstream quantization).
+The activations are read with ``repquant_jax.diagnostics.point_values`` at the activation
+points repquant's quantizers use (``repquant_jax.inspect`` names them), so they are exactly
+the tensors the quantizers were fitted to (in float: the figure shows no upstream
+quantization).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, calibration_draw, load_vit, log  # noqa: E402
 
+from repquant_jax.diagnostics import channel_ranges, point_values  # noqa: E402
 from repquant_jax.models import vit  # noqa: E402
 
 FIGURES = REPO / "experiments" / "figures"
@@ -70,42 +72,6 @@ QUANTIZER_COLORS = {"uniform": "tab:blue", "log2": "tab:green", "log√2": "tab:
 # Activations at repquant's quantizer points
 
 
-def observe_points(apply_fn: Callable[..., Any], params: Any, inputs: Sequence[Any],
-                   names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Float values of the named activation points (as ``repquant_jax.inspect`` names them).
-
-    Args:
-        apply_fn: ``apply_fn(params, *inputs)``.
-        params: the parameters.
-        inputs: the positional inputs of one call.
-        names: activation point names, e.g. ``"blocks_0/attn/query:input"``.
-
-    Returns:
-        Point name -> its value on ``inputs`` (float32 NumPy array).
-
-    Raises:
-        KeyError: a name that is not an activation point of the model.
-    """
-    from repquant_jax.graph import trace
-    from repquant_jax.interpret import evaluate
-    from repquant_jax.sites import analyze
-
-    graph = trace(apply_fn, params, *inputs)
-    plan = analyze(graph)
-    seen: dict[str, np.ndarray] = {}
-
-    def observer(name: str):
-        def hook(values):
-            seen[name] = np.asarray(values[0], np.float32)
-            return values
-
-        return hook
-
-    hooks = {plan.point(name).value_id: observer(name) for name in names}
-    evaluate(graph, params, tuple(inputs), hooks)
-    return {name: seen[name] for name in names}
-
-
 def softmax_point(apply_fn: Callable[..., Any], params: Any, inputs: Sequence[Any], block: int) -> str:
     """Name of the activation point holding block ``block``'s attention probabilities."""
     from repquant_jax.inspect import inspect
@@ -115,12 +81,6 @@ def softmax_point(apply_fn: Callable[..., Any], params: Any, inputs: Sequence[An
     if not names:
         raise ValueError(f"no softmax activation point in blocks_{block}")
     return names[0]
-
-
-def channel_ranges(x: np.ndarray) -> np.ndarray:
-    """Per-channel ``max - min`` of ``x`` over every axis but the last."""
-    x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    return x2.max(0) - x2.min(0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,8 +141,8 @@ def ln_range_panel(apply_fn: Callable[..., Any], params: Any, calib: list[np.nda
         raise ValueError(f"{point}: expected a per-channel quantizer folded to per tensor, got "
                          f"axis {channel_qp.axis} (unfolded) and {tensor_qp.axis} (folded)")
     batch = np.concatenate(calib)
-    x = observe_points(apply_fn, params, [batch], [point])[point]
-    x_folded = observe_points(apply_fn, folded.params, [batch], [point])[point]
+    x = point_values(apply_fn, params, batch, names=[point])[point]
+    x_folded = point_values(apply_fn, folded.params, batch, names=[point])[point]
     per_tensor = calibration.search_uniform(x, bits)
     return RangePanel(
         label=label, before=channel_ranges(x), after=channel_ranges(x_folded),
@@ -518,7 +478,7 @@ def main() -> None:
               f"fold of repquant_jax.transform(..., presets.repq_vit({args.bits}, {args.bits}))")]
 
     sm_point = softmax_point(apply_fn, variables, calib, args.softmax_block)
-    values = observe_points(apply_fn, variables, [np.concatenate(calib)], [sm_point])[sm_point]
+    values = point_values(apply_fn, variables, np.concatenate(calib), names=[sm_point])[sm_point]
     quantizers = softmax_quantizers(values, args.bits)
     for name, q in quantizers.items():
         log(f"softmax {name}: s={q.scale:.4g} MSE={q.mse:.3e} zero fraction={q.zero_fraction:.3f} "

@@ -41,6 +41,7 @@ import optax
 
 from repquant_jax.data import batches as data_batches
 from repquant_jax.data import fashion_mnist
+from repquant_jax.diagnostics import channel_ranges
 from repquant_jax.models import vit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +102,7 @@ def ln_range_profile(model, variables, images) -> dict[str, dict[str, float]]:
     out = {}
     for path, (value,) in sorted(flat.items()):
         name = "/".join(path[:-1])  # drop "__call__"
-        x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-        rng = x.max(axis=0) - x.min(axis=0)
+        rng = channel_ranges(value)
         med = float(np.median(rng))
         out[name] = {
             "max_over_median": float(rng.max() / med),

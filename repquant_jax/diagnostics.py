@@ -24,7 +24,46 @@ from repquant_jax.graph import trace
 from repquant_jax.interpret import evaluate
 from repquant_jax.sites import analyze
 
-__all__ = ["channel_range_profile", "inject_outliers"]
+__all__ = ["channel_range_profile", "channel_ranges", "inject_outliers", "point_values"]
+
+
+def channel_ranges(x: Any) -> np.ndarray:
+    """Per-channel ``max - min`` of ``x`` over every axis but the last (float64)."""
+    x2 = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+    return x2.max(0) - x2.min(0)
+
+
+def point_values(apply_fn: Callable[..., Any], params: Any, *inputs: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Float values of the named activation points (as `repquant_jax.inspect` names them).
+
+    Args:
+      apply_fn: ``apply_fn(params, *inputs)``.
+      params: the parameters.
+      *inputs: the positional inputs of one call.
+      names: activation point names, e.g. ``"blocks_0/attn/query:input"``.
+
+    Returns:
+      Point name -> its value on ``inputs`` (float32 NumPy array).
+
+    Raises:
+      KeyError: a name that is not an activation point of the model.
+    """
+    graph = trace(apply_fn, params, *inputs)
+    return _observe(graph, analyze(graph), params, inputs, names)
+
+
+def _observe(graph, plan, params, inputs, names: Sequence[str]) -> dict[str, np.ndarray]:
+    seen: dict[str, np.ndarray] = {}
+
+    def observer(name: str):
+        def hook(values):
+            seen[name] = np.asarray(values[0], np.float32)
+            return values
+
+        return hook
+
+    evaluate(graph, params, tuple(inputs), {plan.point(name).value_id: observer(name) for name in names})
+    return {name: seen[name] for name in names if name in seen}
 
 
 def channel_range_profile(apply_fn: Callable[..., Any], params: Any, *inputs: Any) -> dict[str, float]:
@@ -49,21 +88,13 @@ def channel_range_profile(apply_fn: Callable[..., Any], params: Any, *inputs: An
     """
     graph = trace(apply_fn, params, *inputs)
     plan = analyze(graph)
-    points = {plan.point(g.point).value_id: g.name for g in plan.groups}
-    seen: dict[str, float] = {}
-
-    def observe(vid):
-        def hook(values):
-            x = np.asarray(values[0], np.float64)
-            x = x.reshape(-1, x.shape[-1])
-            ranges = x.max(0) - x.min(0)
-            seen[points[vid]] = float(ranges.max() / max(np.median(ranges), 1e-12))
-            return values
-
-        return hook
-
-    evaluate(graph, params, inputs, {vid: observe(vid) for vid in points})
-    return {g.name: seen[g.name] for g in plan.groups if g.name in seen}
+    values = _observe(graph, plan, params, inputs, [g.point for g in plan.groups])
+    profile = {}
+    for g in plan.groups:
+        if g.point in values:
+            ranges = channel_ranges(values[g.point])
+            profile[g.name] = float(ranges.max() / max(np.median(ranges), 1e-12))
+    return profile
 
 
 def inject_outliers(

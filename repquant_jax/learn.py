@@ -263,7 +263,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
       New `QParams` whose weights lie on their quantization grids.
     """
     from repquant_jax.interpret import evaluate_batches
-    from repquant_jax.transform import quant_hooks
+    from repquant_jax.transform import params_with_weights, quant_hooks
 
     rc = config.reconstruction
     sites = [
@@ -327,12 +327,4 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
         return hook
 
     evaluate_batches(graph, leaves, batch_leaves, hooks, rewrites, {w.node: reconstructor(w) for w in sites})
-    leaves = [leaf.copy() for leaf in leaves]
-    for w, view in updates:
-        leaves[w.param_index].reshape(-1)[w.kernel_index.reshape(-1)] = view.reshape(-1)
-    treedef = jax.tree_util.tree_structure(qparams.params)
-    originals = jax.tree_util.tree_leaves(qparams.params)
-    new_params = jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(leaf, dtype=o.dtype) for leaf, o in zip(leaves, originals)]
-    )
-    return qparams.replace(params=new_params)
+    return qparams.replace(params=params_with_weights(qparams.params, updates))

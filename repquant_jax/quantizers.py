@@ -428,11 +428,12 @@ def _fake_quant_uniform_jvp(qmin, qmax, primals, tangents):
     x, s, z = primals
     dx, ds, dz = tangents
     v = x / s
-    inside = (x >= (qmin - z) * s) & (x <= (qmax - z) * s)
+    hi = (qmax - z) * s
+    inside = (x >= (qmin - z) * s) & (x <= hi)
     # Inside: d/dx = 1, d/ds = round(v) - v (LSQ), d/dz = 0. Outside: the clipped value
     # (bound - z)·s. The coefficient is zeroed outside so no Inf/NaN leaks through.
     c = jnp.where(inside, jnp.round(v) - v, 0.0)
-    bound = jnp.where(x > (qmax - z) * s, float(qmax), float(qmin)) - z
+    bound = jnp.where(x > hi, float(qmax), float(qmin)) - z
     dy = jnp.where(inside, dx + c * ds, bound * ds - s * dz)
     return _uniform_forward(x, s, z, qmin, qmax), dy.astype(x.dtype)
 

@@ -30,7 +30,7 @@ from repquant_jax.fold import fold_norm_into_dense, weight_from_matrix, weight_m
 from repquant_jax.graph import Graph, trace
 from repquant_jax.interpret import evaluate, evaluate_batches
 from repquant_jax.report import SiteReport, TransformReport
-from repquant_jax.sites import Plan, analyze
+from repquant_jax.sites import Plan, WeightSite, analyze
 
 __all__ = ["QParams", "QApply", "transform", "resolve_specs", "quant_hooks"]
 
@@ -270,6 +270,19 @@ def _point_values(values: list, spec: SiteSpec) -> np.ndarray:
     return np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
 
 
+def params_with_weights(params: Any, views: Iterable[tuple[WeightSite, Any]]) -> Any:
+    """A copy of ``params`` with each weight site's kernel replaced by ``view`` (the
+    weight as its matmul reads it), the leaves keeping their dtypes."""
+    originals = jax.tree_util.tree_leaves(params)
+    leaves = [np.array(leaf, copy=True) for leaf in originals]
+    for w, view in views:
+        leaves[w.param_index].reshape(-1)[w.kernel_index.reshape(-1)] = np.asarray(view).reshape(-1)
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(params),
+        [jnp.asarray(leaf, dtype=o.dtype) for leaf, o in zip(leaves, originals)],
+    )
+
+
 def check_sites_exist(plan: Plan, weights, activations, holder: str) -> None:
     """Raises if quantizer state names sites that this trace of the model lacks."""
     known = {w.name for w in plan.weights} | {p.name for p in plan.points}
@@ -357,28 +370,21 @@ class QApply:
           its weight quantizers.
         """
         _, plan = self.analysis(qparams.params, example_inputs)
-        leaves = [np.array(leaf, copy=True) for leaf in jax.tree_util.tree_leaves(qparams.params)]
+        leaves = jax.tree_util.tree_leaves(qparams.params)
         by_leaf: dict[int, list] = {}
         for w in plan.weights:
             if w.name in qparams.weights:
                 by_leaf.setdefault(w.param_index, []).append(w)
-        frozen = set()
-        for index, sites in by_leaf.items():
+        views = []
+        for sites in by_leaf.values():
             if len(sites) != 1:
                 continue
             (w,) = sites
-            flat = leaves[index].reshape(-1)
-            view = jnp.asarray(flat[w.kernel_index])
-            flat[w.kernel_index.reshape(-1)] = np.asarray(
-                fake_quant_weight(view, qparams.weights[w.name], w.contracting)
-            ).reshape(-1)
-            frozen.add(w.name)
-        originals = jax.tree_util.tree_leaves(qparams.params)
-        params = jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(qparams.params),
-            [jnp.asarray(leaf, dtype=o.dtype) for leaf, o in zip(leaves, originals)],
-        )
+            view = jnp.asarray(np.asarray(leaves[w.param_index]).reshape(-1)[w.kernel_index])
+            views.append((w, fake_quant_weight(view, qparams.weights[w.name], w.contracting)))
+        frozen = {w.name for w, _ in views}
         weights = {k: v for k, v in qparams.weights.items() if k not in frozen}
+        params = params_with_weights(qparams.params, views)
         return qparams.replace(params=_placed_like(params, qparams.params), weights=weights)
 
     def _call(self, qparams: QParams, *inputs: Any) -> Any:
