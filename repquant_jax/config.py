@@ -136,8 +136,12 @@ class QuantConfig:
       norm_quantizer: ``"per_tensor"``, or ``"per_channel"`` for norm outputs during
         calibration, folded into per-tensor by the §2.4 reparameterization.
       unfoldable: what to do with a per-channel norm quantizer whose group cannot be
-        folded (post-LN BERT): ``"per_tensor"``, ``"per_channel"`` (keep it) or
-        ``"error"``.
+        folded because the norm output also feeds something else (the residual of a
+        post-LN BERT block): ``"branch"`` folds the kernel half only (the matmul
+        branch quantizes ``x / r1 + s⊙r2 / r1`` per tensor, with the per-channel
+        codes; docs/method.md), falling back to one per-tensor quantizer where even
+        that is illegal; ``"per_tensor"``; ``"per_channel"`` (keep it, no integer
+        path); or ``"error"``.
       fold_norms: fold per-channel norm quantizers into per-tensor ones (§2.4). False
         keeps them per channel: the calibration-time model, for comparisons.
       min_rows_per_channel: a per-channel norm quantizer needs at least this many
@@ -149,6 +153,10 @@ class QuantConfig:
         stress variant: 67 ± 18% top-1 vs 88.8%), so the default is low.
       exact_zero_point: fold with z̃ = round(mean(z)) (bit-exact) instead of RepQ-ViT's
         unrounded mean.
+      fold_check_tolerance: every fold is checked on a calibration batch: the folded
+        float model (quantizers off) must match the original to this relative output
+        error, else the fold is undone and reported. None: 1e-4, or 4 ulps of the
+        model's narrowest float type (bfloat16: 0.031).
       rmsnorm: ``"bias"`` (asymmetric per-channel quantizer; the fold adds a norm bias)
         or ``"symmetric"`` (symmetric per-channel quantizer; a pure scale fold).
       softmax_quantizer: ``"uniform"``, ``"log2"`` or ``"log_sqrt2"`` for softmax
@@ -172,10 +180,11 @@ class QuantConfig:
     activation_calibration: str = "search"
     weight_granularity: str = "per_channel"
     norm_quantizer: str = "per_channel"
-    unfoldable: str = "per_tensor"
+    unfoldable: str = "branch"
     fold_norms: bool = True
     min_rows_per_channel: int = 16
     exact_zero_point: bool = True
+    fold_check_tolerance: float | None = None
     rmsnorm: str = "bias"
     softmax_quantizer: str = "log_sqrt2"
     percentile: float = 0.9999
@@ -193,7 +202,7 @@ class QuantConfig:
         _check_choice("activation_calibration", self.activation_calibration, _CALIBRATIONS)
         _check_choice("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor"))
         _check_choice("norm_quantizer", self.norm_quantizer, ("per_tensor", "per_channel"))
-        _check_choice("unfoldable", self.unfoldable, ("per_tensor", "per_channel", "error"))
+        _check_choice("unfoldable", self.unfoldable, ("branch", "per_tensor", "per_channel", "error"))
         _check_choice("rmsnorm", self.rmsnorm, ("bias", "symmetric"))
         _check_choice("softmax_quantizer", self.softmax_quantizer, ("uniform", "log2", "log_sqrt2"))
         if not 0.5 < self.percentile <= 1.0:

@@ -58,7 +58,7 @@ Storage format of `Exported`:
   exported weight matmuls is replaced by a `Dropped` placeholder (a pytree node without
   leaves that remembers shape and dtype). Biases, norms, embeddings, unquantized kernels
   and kernels that are also read elsewhere (tied embeddings) stay float.
-* ``activations``, ``input_offsets``, ``output_offsets``: as in `QParams`.
+* ``activations``, ``input_offsets``, ``output_offsets``, ``input_scales``: as in `QParams`.
 
 Why packed by default: on CPU, XLA keeps ``jnp.int4`` arrays at one byte per element (a
 ``1000 x 1000`` ``int4`` array occupies 1 MB, like ``int8``) and its CPU/GPU backends reject
@@ -98,7 +98,7 @@ from repquant_jax.fold import weight_from_matrix, weight_matrix
 from repquant_jax.graph import LAYOUT_PRIMITIVES, Graph
 from repquant_jax.interpret import evaluate
 from repquant_jax.sites import Plan
-from repquant_jax.transform import QApply, QParams, check_sites_exist
+from repquant_jax.transform import QApply, QParams, affine_input, check_sites_exist
 
 __all__ = [
     "Dropped",
@@ -190,6 +190,8 @@ class Exported:
       activations: activation point name -> quantizer (as in `QParams`).
       input_offsets: activation point name -> offset added before quantizing.
       output_offsets: weight site name -> offset added to the matmul output.
+      input_scales: activation point name -> per-channel multiplier applied before the
+        offset (branch folds).
       qapply: the `QApply` of the transform (static; provides the traced graph and plan).
       integer_points: names of activation points whose zero point is an integer (static).
       float_nbytes: bytes of the float params ``export`` started from (static).
@@ -200,6 +202,7 @@ class Exported:
     activations: dict[str, qz.QuantParams]
     input_offsets: dict[str, jax.Array]
     output_offsets: dict[str, jax.Array]
+    input_scales: dict[str, jax.Array]
     qapply: QApply = struct.field(pytree_node=False)
     integer_points: tuple[str, ...] = struct.field(pytree_node=False, default=())
     float_nbytes: int = struct.field(pytree_node=False, default=0)
@@ -261,7 +264,7 @@ def bytes_report(exported: Exported) -> BytesReport:
     codes = sum(nbytes(w.codes) for w in exported.weights.values())
     wq = sum(nbytes((w.scale, w.zero_point)) for w in exported.weights.values())
     kept = nbytes(exported.params)
-    act = nbytes((exported.activations, exported.input_offsets, exported.output_offsets))
+    act = nbytes((exported.activations, exported.input_offsets, exported.output_offsets, exported.input_scales))
     total = nbytes(exported)
     floats = exported.float_nbytes
     return BytesReport(total, floats, total / max(floats, 1), codes, wq, kept, act)
@@ -401,6 +404,12 @@ def export(
         qp = qparams.weights.get(w.name)
         if qp is None:
             continue
+        if w.derived:
+            raise ValueError(
+                f"weight site {w.name!r} reads a weight computed from {w.param_path} (not the leaf "
+                "itself), which has no integer storage; skip it with Rule(pattern=..., "
+                "target='weight', skip=True) to export, or use qapply"
+            )
         view = jnp.asarray(leaves[w.param_index]).reshape(-1)[w.kernel_index]
         view = view.astype(graph.avals[w.weight_id].dtype)
         weights[w.name] = _weight_codes(weight_matrix(view, w.contracting), qp, int4)
@@ -421,6 +430,7 @@ def export(
         weights=weights,
         activations=dict(qparams.activations),
         input_offsets=dict(qparams.input_offsets),
+        input_scales=dict(qparams.input_scales),
         output_offsets=dict(qparams.output_offsets),
         qapply=qapply,
         integer_points=integer_points,
@@ -580,16 +590,15 @@ def _integer_program(graph: Graph, plan: Plan, exported: Exported):
     code_points: dict[int, qz.QuantParams] = {}
     for p in plan.points:
         qp = exported.activations.get(p.name)
-        off = exported.input_offsets.get(p.name)
-        if qp is None and off is None:
+        scale, off = exported.input_scales.get(p.name), exported.input_offsets.get(p.name)
+        if qp is None and off is None and scale is None:
             continue
         codes = qp is not None and _emits_codes(qp, p.name in integer_points)
         if codes:
             code_points[p.value_id] = qp
 
-        def point_hook(values, qp=qp, off=off, codes=codes):
-            if off is not None:
-                values = [v + off.astype(v.dtype) for v in values]
+        def point_hook(values, qp=qp, scale=scale, off=off, codes=codes):
+            values = [affine_input(v, scale, off) for v in values]
             if qp is None:
                 return values
             if codes:

@@ -55,14 +55,18 @@ class FoldResult:
 
     Attributes:
       quantizer: the per-tensor quantizer replacing the per-channel one.
-      input_offset: ``(C,)`` added to the norm output before quantization (RMSNorm with
-        an asymmetric quantizer), or None.
+      input_scale: ``(C,)`` multiplying the norm output before quantization, on the
+        matmul branch only (branch fold: ``1 / r1``), or None.
+      input_offset: ``(C,)`` added to the norm output (after ``input_scale``) before
+        quantization (RMSNorm with an asymmetric quantizer; branch fold: ``s⊙r2/r1``),
+        or None.
       output_offsets: weight site name -> array added to that matmul's output (matmuls
         without a bias parameter), shaped to broadcast against it.
       max_abs_r2: largest |z - z̃|, for the report.
     """
 
     quantizer: qz.QuantParams
+    input_scale: np.ndarray | None
     input_offset: np.ndarray | None
     output_offsets: dict[str, np.ndarray]
     max_abs_r2: float
@@ -75,8 +79,15 @@ def fold_norm_into_dense(
     quantizer: qz.QuantParams,
     *,
     exact_zero_point: bool = True,
+    branch: bool = False,
 ) -> FoldResult:
     """Folds a per-channel norm-output quantizer into the norm and its matmuls.
+
+    With ``branch=True`` (a norm whose output also feeds a residual, post-LN BERT) only
+    the kernel half is applied: γ and β stay, and the matmul branch quantizes
+    ``x · (1/r1) + s⊙r2/r1`` with the per-tensor quantizer, a per-channel multiply-add
+    inside that branch's quantize op. ``(x + s⊙r2) / (r1·s̃) = x/s + r2`` still, so the
+    integer codes are the per-channel ones.
 
     Edits ``leaves`` (flat NumPy copies of the parameter leaves, in flatten order) in
     place; the caller owns those copies, never the user's arrays.
@@ -94,7 +105,9 @@ def fold_norm_into_dense(
     Raises:
       ValueError: if the group is not foldable or the quantizer is not per channel.
     """
-    if not group.foldable:
+    if branch and not group.branch_foldable:
+        raise ValueError(f"fold group {group.name!r} cannot be branch-folded: {group.branch_reason}")
+    if not branch and not group.foldable:
         raise ValueError(f"fold group {group.name!r} cannot be folded: {group.reason}")
     scale = np.asarray(quantizer.scale, np.float64)
     if quantizer.axis is None or scale.shape != (group.channels,):
@@ -109,29 +122,50 @@ def fold_norm_into_dense(
     r2 = zero - z_t
     shift = scale * r2  # s ⊙ r2, per channel
 
-    gamma = leaves[group.scale_param_index].reshape(-1)
-    gamma[group.scale_index] = gamma[group.scale_index] / r1
-    input_offset = None
-    if group.bias_param_index is not None:
-        beta = leaves[group.bias_param_index].reshape(-1)
-        beta[group.bias_index] = (beta[group.bias_index] + shift) / r1
-    elif np.any(shift != 0):
+    input_scale = input_offset = None
+    if branch:
+        input_scale = (1.0 / r1).astype(np.float32)
         input_offset = (shift / r1).astype(np.float32)
+    else:
+        gamma = leaves[group.scale_param_index].reshape(-1)
+        # (c + γ̃) = (c + γ) / r1 for a norm scaling by c + γ (Gemma: c = 1)
+        c = group.scale_offset
+        gamma[group.scale_index] = (gamma[group.scale_index] + c) / r1 - c
+        if group.bias_param_index is not None:
+            beta = leaves[group.bias_param_index].reshape(-1)
+            beta[group.bias_index] = (beta[group.bias_index] + shift) / r1
+        elif np.any(shift != 0):
+            input_offset = (shift / r1).astype(np.float32)
 
-    output_offsets = {}
+    # Corrections first, from the unscaled kernels. Consumers reading one kernel leaf
+    # (the same matmul applied twice) read it identically (sites.py checks it), so the
+    # leaf and its bias are edited once.
+    deltas = []
     for consumer in group.consumers:
         site = plan.weight(consumer.site)
-        kernel = leaves[site.param_index].reshape(-1)
-        view = kernel[site.kernel_index]
+        view = leaves[site.param_index].reshape(-1)[site.kernel_index]
         matrix = np.asarray(weight_matrix(view.astype(np.float64), site.contracting))
-        delta = shift[consumer.contract_channel] @ matrix  # (s ⊙ r2) @ W, per output
-        rows = consumer.row_channel >= 0
+        deltas.append((consumer, site, shift[consumer.contract_channel] @ matrix))  # (s ⊙ r2) @ W
+    output_offsets = {}
+    edited: dict[int, np.ndarray] = {}  # leaf index -> elements already edited
+
+    def not_yet(k: int, index: np.ndarray) -> np.ndarray:
+        done = edited.setdefault(k, np.zeros(leaves[k].size, bool))
+        fresh = ~done[index]
+        done[index] = True
+        return fresh
+
+    for consumer, site, delta in deltas:
+        kernel = leaves[site.param_index].reshape(-1)
+        rows = np.flatnonzero(consumer.row_channel >= 0)
+        rows = rows[not_yet(site.param_index, rows)]
         kernel[rows] = kernel[rows] * r1[consumer.row_channel[rows]]
         if not np.any(delta != 0):
             continue
         if consumer.bias_param_index is not None:
             bias = leaves[consumer.bias_param_index].reshape(-1)
-            bias[consumer.bias_index] = bias[consumer.bias_index] - delta
+            fresh = not_yet(consumer.bias_param_index, consumer.bias_index)
+            bias[consumer.bias_index[fresh]] = bias[consumer.bias_index[fresh]] - delta[fresh]
         else:
             output_offsets[site.name] = _output_offset(site, -delta)
 
@@ -140,7 +174,7 @@ def fold_norm_into_dense(
         new = qz.symmetric(jnp.float32(s_t), quantizer.bits)
     else:
         new = qz.uniform(jnp.float32(s_t), jnp.float32(z_t), quantizer.bits)
-    return FoldResult(new, input_offset, output_offsets, float(np.abs(r2).max()))
+    return FoldResult(new, input_scale, input_offset, output_offsets, float(np.abs(r2).max()))
 
 
 def _output_offset(site: WeightSite, values: np.ndarray) -> np.ndarray:

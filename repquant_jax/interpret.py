@@ -37,6 +37,7 @@ def evaluate(
     hooks: Mapping[int, Hook] | None = None,
     rewrites: Mapping[int, Hook] | None = None,
     matmul_fns: Mapping[int, MatmulFn] | None = None,
+    matmul_hooks: Mapping[int, Callable[[list[list[Any]]], list[list[Any]]]] | None = None,
 ) -> Any:
     """Evaluates the graph on one call's inputs.
 
@@ -49,13 +50,17 @@ def evaluate(
         output offsets of a fold into a matmul without a bias).
       matmul_fns: node index -> function computing that matmul node; see
         `evaluate_batches`.
+      matmul_hooks: node index -> hook on that matmul's operands; see
+        `evaluate_batches`.
 
     Returns:
       The output pytree, as ``apply_fn`` returns it.
     """
     param_leaves = jax.tree_util.tree_leaves(params)
     input_leaves = jax.tree_util.tree_leaves(tuple(inputs))
-    (out,) = evaluate_batches(graph, param_leaves, [input_leaves], hooks, rewrites, matmul_fns=matmul_fns)
+    (out,) = evaluate_batches(
+        graph, param_leaves, [input_leaves], hooks, rewrites, matmul_hooks=matmul_hooks, matmul_fns=matmul_fns
+    )
     return out
 
 

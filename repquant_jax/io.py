@@ -15,7 +15,7 @@ File layout (format version :data:`FORMAT_VERSION`):
     ``params/params/Dense_0/kernel``),
   - ``weights/<site>/scale`` and ``weights/<site>/zero_point``,
   - ``activations/<site>/scale`` and ``activations/<site>/zero_point``,
-  - ``input_offsets/<site>`` and ``output_offsets/<site>``.
+  - ``input_offsets/<site>``, ``output_offsets/<site>`` and ``input_scales/<site>``.
 
   Each path component / site name is percent-escaped
   (:func:`urllib.parse.quote` with no safe characters), so ``/``, ``:``,
@@ -42,7 +42,8 @@ File layout (format version :data:`FORMAT_VERSION`):
   - ``weights`` / ``activations``: lists of ``{"site", "static", "arrays"}``
     (``static`` holds ``bits``/``kind``/``axis``; ``arrays`` maps
     ``scale``/``zero_point`` to tensor keys), ``input_offsets`` /
-    ``output_offsets``: lists of ``{"site", "key"}``, all in dict order,
+    ``output_offsets`` / ``input_scales``: lists of ``{"site", "key"}``, all in dict
+    order,
   - ``metadata``: the user's JSON metadata,
   - ``sha256``: the SHA-256 of the canonical JSON of this document without
     the ``sha256`` entry (``sort_keys``, compact separators, ASCII), followed
@@ -100,7 +101,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["FORMAT_VERSION", "FORMAT_NAME", "save", "load"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input_scales (branch folds); format 1 files still load
 """Version of the file layout written by :func:`save`; :func:`load` reads versions <= this."""
 
 FORMAT_NAME = "repquant_jax"
@@ -108,7 +109,7 @@ FORMAT_NAME = "repquant_jax"
 
 _METADATA_KEY = FORMAT_NAME
 _QP_GROUPS = ("weights", "activations")
-_OFFSET_GROUPS = ("input_offsets", "output_offsets")
+_OFFSET_GROUPS = ("input_offsets", "output_offsets", "input_scales")
 
 # numpy dtype name -> safetensors dtype code, for the dtypes stored natively.
 _NATIVE_CODES = {
@@ -704,6 +705,6 @@ def _build(doc: Mapping[str, Any], stored: Mapping[str, np.ndarray], params_like
         for entry in doc[group]:
             arrays = {name: leaf(k) for name, k in entry["arrays"].items()}
             groups[group][entry["site"]] = qz.QuantParams(**arrays, **entry["static"])
-    for group in _OFFSET_GROUPS:
-        groups[group] = {entry["site"]: leaf(entry["key"]) for entry in doc[group]}
+    for group in _OFFSET_GROUPS:  # format 1 files have no input_scales
+        groups[group] = {entry["site"]: leaf(entry["key"]) for entry in doc.get(group, [])}
     return QParams(params=params, **groups)

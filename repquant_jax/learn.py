@@ -268,8 +268,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
     rc = config.reconstruction
     sites = [
         w for w in plan.weights
-        if w.name in qparams.weights and graph.nodes[w.node].primitive == "dot_general"
-        and sum(o.weight_id == w.weight_id for o in plan.weights) == 1
+        if w.name in qparams.weights and graph.nodes[w.node].primitive == "dot_general" and w.owns_leaf
     ]
     rng = np.random.default_rng(config.seed + 7)
     leaves = [np.array(leaf, copy=True) for leaf in jax.tree_util.tree_leaves(qparams.params)]
@@ -279,11 +278,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
         return rc_ if w.weight_operand == 0 else lc
 
     # Float pass on the folded params: the inputs every matmul should have seen.
-    float_hooks = {
-        p.value_id: (lambda vs, off=qparams.input_offsets[p.name]: [v + off.astype(v.dtype) for v in vs])
-        for p in plan.points if p.name in qparams.input_offsets
-    }
-    _, rewrites = quant_hooks(graph, plan, qparams)
+    float_hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
     picks: dict[str, np.ndarray] = {}  # sampled rows: training rows, then held-out rows
     split: dict[str, int] = {}
     float_rows: dict[str, jax.Array] = {}
@@ -303,7 +298,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
     evaluate_batches(graph, leaves, batch_leaves, float_hooks, rewrites, {w.node: recorder(w) for w in sites})
 
     # Quantized pass: reconstruct each site when the quantized model reaches it.
-    hooks, rewrites = quant_hooks(graph, plan, qparams)
+    hooks, rewrites, weight_hooks = quant_hooks(graph, plan, qparams)
     done: list[tuple[str, float, float]] = []
     updates: list[tuple[object, np.ndarray]] = []
 
@@ -326,5 +321,5 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
 
         return hook
 
-    evaluate_batches(graph, leaves, batch_leaves, hooks, rewrites, {w.node: reconstructor(w) for w in sites})
+    evaluate_batches(graph, leaves, batch_leaves, hooks, rewrites, {**weight_hooks, **{w.node: reconstructor(w) for w in sites}})
     return qparams.replace(params=params_with_weights(qparams.params, updates))

@@ -34,6 +34,8 @@ from repquant_jax.sites import Plan, WeightSite, analyze
 
 __all__ = ["QParams", "QApply", "transform", "resolve_specs", "quant_hooks"]
 
+_LOG_KINDS = ("log2", "log_sqrt2")
+
 
 @struct.dataclass
 class QParams:
@@ -44,9 +46,12 @@ class QParams:
       weights: weight site name -> per-output-channel quantizer of its ``[K, N]`` matrix.
       activations: activation point name -> quantizer.
       input_offsets: activation point name -> ``(C,)`` added before quantizing
-        (RMSNorm folds with an asymmetric quantizer).
+        (RMSNorm folds with an asymmetric quantizer, branch folds).
       output_offsets: weight site name -> array added to the matmul output (folds into
         matmuls without a bias parameter).
+      input_scales: activation point name -> ``(C,)`` multiplying the value before
+        the offset and the quantizer, for the matmuls only (branch folds of norms
+        whose output also feeds a residual).
     """
 
     params: Any
@@ -54,6 +59,7 @@ class QParams:
     activations: dict[str, qz.QuantParams]
     input_offsets: dict[str, jax.Array]
     output_offsets: dict[str, jax.Array]
+    input_scales: dict[str, jax.Array] = struct.field(default_factory=dict)
 
 
 class _Progress:
@@ -108,8 +114,7 @@ class _BatchStream:
                 "all calibration batches must have the same shapes (pad them to one length)"
             )
         for i, leaf in enumerate(leaves):
-            arr = np.asarray(leaf)
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            if _has_non_finite(leaf):
                 raise ValueError(f"calibration batch {b}, input {i} contains NaN or Inf")
 
 
@@ -154,10 +159,16 @@ def _placed_like(params: Any, like: Any) -> Any:
     return jax.tree_util.tree_map(place, params, like)
 
 
+def _has_non_finite(leaf: Any) -> bool:
+    """NaN or Inf in a float array of any width (bfloat16 is not a NumPy float type)."""
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        return False
+    return not bool(jnp.isfinite(jnp.asarray(leaf)).all())
+
+
 def _check_params(params: Any) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        arr = np.asarray(leaf)
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        if _has_non_finite(leaf):
             raise ValueError(f"parameter {jax.tree_util.keystr(path)} contains NaN or Inf")
 
 
@@ -179,6 +190,12 @@ def resolve_specs(plan: Plan, config: QuantConfig, *, warn_unused: bool = True) 
         for i, rule in enumerate(config.rules):
             if rule.matches(spec.name, spec.target):
                 used.add(i)
+                if spec.target == "weight" and rule.kind in _LOG_KINDS:
+                    raise ValueError(
+                        f"rule {rule.pattern!r} asks for a {rule.kind} quantizer on weight site "
+                        f"{spec.name!r}: log quantizers are for softmax outputs in [0, 1]; give the "
+                        "rule target='activation'"
+                    )
                 return dataclasses.replace(
                     spec,
                     bits=rule.bits if rule.bits is not None else spec.bits,
@@ -203,13 +220,14 @@ def resolve_specs(plan: Plan, config: QuantConfig, *, warn_unused: bool = True) 
             granularity = "per_channel"
             if group.kind == "rmsnorm" and config.rmsnorm == "symmetric":
                 kind = "symmetric"
-            if not group.foldable:
+            if not group.foldable and not (config.unfoldable == "branch" and group.branch_foldable):
                 if config.unfoldable == "error":
                     raise ValueError(
                         f"norm group {group.name!r} cannot be folded ({group.reason}); "
-                        "set unfoldable='per_tensor' or 'per_channel' to quantize it anyway"
+                        "set unfoldable='branch', 'per_tensor' or 'per_channel' to quantize it anyway"
                     )
-                granularity = config.unfoldable
+                # "branch" without a legal kernel half falls back to one scale
+                granularity = "per_channel" if config.unfoldable == "per_channel" else "per_tensor"
         spec = SiteSpec(p.name, "activation", bits, kind, granularity, config.activation_calibration)
         specs[p.name] = apply_rules(spec)
     unused = [r.pattern for i, r in enumerate(config.rules) if i not in used]
@@ -233,7 +251,13 @@ def calibrate_values(values: np.ndarray, spec: SiteSpec, config: QuantConfig, ax
     """Fits a quantizer to observed values (flat for per tensor, ``[rows, C]`` with
     ``axis=-1`` for per channel)."""
     method, bits, kind = spec.calibration, spec.bits, spec.kind
-    if kind in ("log2", "log_sqrt2"):
+    if kind in _LOG_KINDS:
+        low = float(np.min(values)) if np.size(values) else 0.0
+        if low < 0:
+            raise ValueError(
+                f"a {kind} quantizer needs values >= 0 (softmax outputs), but {spec.name!r} has "
+                f"values down to {low:.3g}; use a uniform quantizer there"
+            )
         if method == "search":
             return cal.search_log_sqrt2(values, bits, kind=kind)
         top = np.max(values) if method == "minmax" else np.quantile(values, config.percentile)
@@ -294,34 +318,62 @@ def check_sites_exist(plan: Plan, weights, activations, holder: str) -> None:
         )
 
 
-def quant_hooks(graph: Graph, plan: Plan, qparams: QParams) -> tuple[dict, dict]:
-    """Fake-quant hooks and output-offset rewrites for `evaluate`, from ``qparams``.
+def affine_input(value, scale, offset):
+    """``value * scale + offset`` per channel (either may be None): what a fold puts in
+    front of a point's quantizer."""
+    if scale is not None:
+        value = value * scale.astype(value.dtype)
+    if offset is not None:
+        value = value + offset.astype(value.dtype)
+    return value
+
+
+def weight_operand_hook(w: WeightSite, quantize: Callable[[Any], Any]) -> Callable:
+    """A matmul hook (`evaluate_batches`' ``matmul_hooks``) replacing the weight operand
+    of site ``w`` by ``quantize(weight)``. Hooks sit on the matmul, not on the weight's
+    value, so sites reading one value (a kernel used twice, a scan over closed-over
+    weights) each have their own quantizer."""
+
+    def hook(args):
+        quantized = quantize(args[0][w.weight_operand])  # the weight is the same in every batch
+        return [[quantized if i == w.weight_operand else v for i, v in enumerate(a)] for a in args]
+
+    return hook
+
+
+def quant_hooks(graph: Graph, plan: Plan, qparams: QParams, *, quantize: bool = True) -> tuple[dict, dict, dict]:
+    """Fake-quant hooks, output-offset rewrites and weight hooks for `evaluate`.
 
     Sites of the plan without state in ``qparams`` stay float; state without a site
     raises, since it means the model traced differently from when it was calibrated.
+
+    Args:
+      quantize: False gives the folded float model: offsets on, quantizers off.
+
+    Returns:
+      ``(hooks, rewrites, matmul_hooks)`` for `evaluate_batches`.
     """
     check_sites_exist(plan, qparams.weights, qparams.activations, "qparams")
-    hooks, rewrites = {}, {}
+    hooks, rewrites, matmul_hooks = {}, {}, {}
     for w in plan.weights:
-        if w.name in qparams.weights:
+        if w.name in qparams.weights and quantize:
             qp = qparams.weights[w.name]
-            hooks[w.weight_id] = lambda vs, qp=qp, c=w.contracting: [fake_quant_weight(v, qp, c) for v in vs]
+            matmul_hooks[w.node] = weight_operand_hook(w, lambda v, qp=qp, c=w.contracting: fake_quant_weight(v, qp, c))
         if w.name in qparams.output_offsets:
             off = qparams.output_offsets[w.name]
             rewrites[graph.nodes[w.node].outputs[0]] = lambda vs, off=off: [v + off.astype(v.dtype) for v in vs]
     for p in plan.points:
-        qp = qparams.activations.get(p.name)
-        off = qparams.input_offsets.get(p.name)
-        if qp is None and off is None:
+        qp = qparams.activations.get(p.name) if quantize else None
+        scale, off = qparams.input_scales.get(p.name), qparams.input_offsets.get(p.name)
+        if qp is None and off is None and scale is None:
             continue
 
-        def point_hook(values, qp=qp, off=off):
-            if off is not None:
-                values = [v + off.astype(v.dtype) for v in values]
+        def point_hook(values, qp=qp, scale=scale, off=off):
+            values = [affine_input(v, scale, off) for v in values]
             return values if qp is None else [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
 
         hooks[p.value_id] = point_hook
-    return hooks, rewrites
+    return hooks, rewrites, matmul_hooks
 
 
 # --------------------------------------------------------------------------------------
@@ -357,40 +409,47 @@ class QApply:
         """Bakes the fake-quantized weights into the params, for inference.
 
         The returned `QParams` hold each quantized kernel already on its quantization
-        grid and no weight quantizers, so `qapply` skips re-quantizing the weights on
-        every call. Outputs are identical (quantizing a value on its grid returns it).
-        Fine-tune the unfrozen `QParams`, not these.
+        grid and no weight quantizer for it, so `qapply` skips re-quantizing the weights
+        on every call. Outputs are identical (quantizing a value on its grid returns
+        it), which is checked on ``example_inputs`` before returning. Fine-tune the
+        unfrozen `QParams`, not these.
 
         Args:
           qparams: from `transform`.
           *example_inputs: inputs of the shapes the model will be called with.
 
         Returns:
-          Frozen `QParams`; a kernel shared by matmuls with different quantizers keeps
-          its weight quantizers.
+          Frozen `QParams`. A weight whose leaf elements are also read elsewhere (a
+          kernel shared by two matmuls, a tied embedding table, a derived weight) keeps
+          its weight quantizer, since baking it in would change the other readers.
+
+        Raises:
+          RuntimeError: if the frozen model's output differs from ``qapply``'s.
         """
         _, plan = self.analysis(qparams.params, example_inputs)
         leaves = jax.tree_util.tree_leaves(qparams.params)
-        by_leaf: dict[int, list] = {}
-        for w in plan.weights:
-            if w.name in qparams.weights:
-                by_leaf.setdefault(w.param_index, []).append(w)
         views = []
-        for sites in by_leaf.values():
-            if len(sites) != 1:
-                continue
-            (w,) = sites
-            view = jnp.asarray(np.asarray(leaves[w.param_index]).reshape(-1)[w.kernel_index])
-            views.append((w, fake_quant_weight(view, qparams.weights[w.name], w.contracting)))
-        frozen = {w.name for w, _ in views}
-        weights = {k: v for k, v in qparams.weights.items() if k not in frozen}
+        for w in plan.weights:
+            if w.name in qparams.weights and w.owns_leaf:
+                view = jnp.asarray(np.asarray(leaves[w.param_index]).reshape(-1)[w.kernel_index])
+                views.append((w, fake_quant_weight(view, qparams.weights[w.name], w.contracting)))
+        frozen_sites = {w.name for w, _ in views}
+        weights = {k: v for k, v in qparams.weights.items() if k not in frozen_sites}
         params = params_with_weights(qparams.params, views)
-        return qparams.replace(params=_placed_like(params, qparams.params), weights=weights)
+        frozen = qparams.replace(params=_placed_like(params, qparams.params), weights=weights)
+        want, got = self(qparams, *example_inputs), self(frozen, *example_inputs)
+        error = relative_output_error(got, want)
+        if error > _dtype_tolerance(qparams.params, 1e-5):
+            raise RuntimeError(
+                f"freeze changed the model's output by {error:.3g} (relative) on the example inputs; "
+                "use the unfrozen qparams and please report this model pattern"
+            )
+        return frozen
 
     def _call(self, qparams: QParams, *inputs: Any) -> Any:
         graph, plan = self.analysis(qparams.params, inputs)
-        hooks, rewrites = quant_hooks(graph, plan, qparams)
-        return evaluate(graph, qparams.params, inputs, hooks, rewrites)
+        hooks, rewrites, matmul_hooks = quant_hooks(graph, plan, qparams)
+        return evaluate(graph, qparams.params, inputs, hooks, rewrites, matmul_hooks=matmul_hooks)
 
     def __call__(self, qparams: QParams, *inputs: Any) -> Any:
         if not isinstance(qparams, QParams):
@@ -472,18 +531,18 @@ def transform(
     act_qps: dict[str, qz.QuantParams] = {}
     reservoirs = {p.name: Reservoir(config.max_calibration_values, rng) for p in plan.points}
     fold_notes: dict[str, str] = {}
-    hooks = {}
+    hooks, weight_hooks = {}, {}
     for w in plan.weights:
         spec = specs[w.name]
         if spec.skip:
             continue
 
-        def weight_hook(values, w=w, spec=spec):
+        def calibrated_weight(view, w=w, spec=spec):
             if w.name not in weight_qps:
-                weight_qps[w.name] = calibrate_weight(weight_matrix(values[0], w.contracting), spec, config)
-            return [fake_quant_weight(values[0], weight_qps[w.name], w.contracting)]
+                weight_qps[w.name] = calibrate_weight(weight_matrix(view, w.contracting), spec, config)
+            return fake_quant_weight(view, weight_qps[w.name], w.contracting)
 
-        hooks[w.weight_id] = weight_hook
+        weight_hooks[w.node] = weight_operand_hook(w, calibrated_weight)
 
     for p in plan.points:
         spec = specs[p.name]
@@ -513,7 +572,7 @@ def transform(
         hooks[p.value_id] = point_hook
     first_chunk = [jax.tree_util.tree_leaves(b) for b in chunk]
     while chunk:
-        evaluate_batches(graph, param_leaves, [jax.tree_util.tree_leaves(b) for b in chunk], hooks)
+        evaluate_batches(graph, param_leaves, [jax.tree_util.tree_leaves(b) for b in chunk], hooks, matmul_hooks=weight_hooks)
         progress(f"calibrated {len(act_qps)} activation and {len(weight_qps)} weight quantizers on {stream.count} batches")
         chunk = stream.chunk(config.calibration_chunk)
     group_of_point = {g.point: g for g in plan.groups}
@@ -536,7 +595,8 @@ def transform(
                 continue
             matrices, wqps = [], []
             for w, consumer in consumers:
-                view = jnp.asarray(param_leaves[w.param_index]).reshape(-1)[w.kernel_index]
+                # on the host: a sharded kernel would change the reduction order of the loss
+                view = jnp.asarray(np.asarray(param_leaves[w.param_index]).reshape(-1)[w.kernel_index])
                 # rows of the weight matrix in channel order
                 matrices.append(weight_matrix(view, w.contracting)[np.argsort(consumer.contract_channel)])
                 wqps.append(weight_qps[w.name])
@@ -545,28 +605,52 @@ def transform(
             )
             progress(f"dual clipping {group.name}: output MSE {before:.3g} -> {after:.3g} ({i + 1}/{len(group_inputs)})")
 
-    # 3. Fold per-channel norm quantizers into per-tensor ones (§2.4).
-    leaves = [np.array(leaf, copy=True) for leaf in param_leaves]
-    input_offsets: dict[str, np.ndarray] = {}
-    output_offsets: dict[str, np.ndarray] = {}
-    refit = set()
+    # 3. Fold per-channel norm quantizers into per-tensor ones (§2.4), each fold checked
+    # numerically on a calibration batch.
+    to_fold = []
     for group in plan.groups:
         spec = specs.get(group.point)
         if spec is None or spec.skip or spec.granularity != "per_channel":
             continue
-        if not group.foldable or not config.fold_norms:
-            reason = group.reason if not group.foldable else "fold_norms=False"
+        branch = not group.foldable and group.branch_foldable and config.unfoldable == "branch"
+        if not (group.foldable or branch) or not config.fold_norms:
+            reason = "fold_norms=False" if not config.fold_norms else group.reason
             fold_notes[group.point] = f"kept per channel: {reason}"
             continue
-        result = fold_norm_into_dense(
-            leaves, plan, group, act_qps[group.point], exact_zero_point=config.exact_zero_point
-        )
+        to_fold.append(group)
+    leaves, folds, failed = fold_checked(graph, plan, param_leaves, to_fold, act_qps, first_chunk[0], config)
+    input_scales: dict[str, np.ndarray] = {}
+    input_offsets: dict[str, np.ndarray] = {}
+    output_offsets: dict[str, np.ndarray] = {}
+    refit = set()
+    for group in to_fold:
+        if group.point in failed:
+            fold_notes[group.point] = (
+                f"kept per channel: the fold failed its numerical check (relative output error "
+                f"{failed[group.point]:.3g} of the folded float model)"
+            )
+            warnings.warn(
+                f"the fold of norm group {group.name!r} changed the float model's output "
+                f"(relative error {failed[group.point]:.3g}); it was undone and the group is "
+                "quantized per channel. Please report this model pattern.",
+                stacklevel=2,
+            )
+            continue
+        result = folds[group.point]
         act_qps[group.point] = result.quantizer
+        if result.input_scale is not None:
+            input_scales[group.point] = result.input_scale
         if result.input_offset is not None:
             input_offsets[group.point] = result.input_offset
         output_offsets.update(result.output_offsets)
         refit.update(c.site for c in group.consumers)
-        fold_notes[group.point] = f"folded {group.name} into {len(group.consumers)} matmuls (max |r2| {result.max_abs_r2:g})"
+        if group.foldable:
+            fold_notes[group.point] = f"folded {group.name} into {len(group.consumers)} matmuls (max |r2| {result.max_abs_r2:g})"
+        else:
+            fold_notes[group.point] = (
+                f"folded {group.name}'s kernel half (branch fold) into {len(group.consumers)} matmuls, "
+                f"max |r2| {result.max_abs_r2:g}; the norm stays: {group.reason}"
+            )
     for group in plan.groups:
         spec = specs.get(group.point)
         if (
@@ -589,6 +673,7 @@ def transform(
         activations=act_qps,
         input_offsets={k: jnp.asarray(v) for k, v in input_offsets.items()},
         output_offsets={k: jnp.asarray(v) for k, v in output_offsets.items()},
+        input_scales={k: jnp.asarray(v) for k, v in input_scales.items()},
     )
 
     # 5. Weight rounding reconstruction (RepQuant).
@@ -610,8 +695,93 @@ def transform(
     return qparams, QApply(apply_fn, params_treedef, report)
 
 
+def _dtype_tolerance(dtypes: Any, floor: float) -> float:
+    """``floor``, or 4 ulps of the narrowest float type among ``dtypes`` (a pytree of
+    arrays or dtypes) when that is larger."""
+    eps = [
+        float(jnp.finfo(d).eps)
+        for d in map(jnp.result_type, jax.tree_util.tree_leaves(dtypes))
+        if jnp.issubdtype(d, jnp.floating)
+    ]
+    return max([floor] + [4 * e for e in eps])
+
+
+def fold_tolerance(graph: Graph, config: QuantConfig) -> float:
+    """Relative output error a correct fold may cause: float rounding of the model's
+    narrowest float type (1e-4 in float32, 4 ulps of bfloat16 or float16)."""
+    if config.fold_check_tolerance is not None:
+        return config.fold_check_tolerance
+    return _dtype_tolerance([a.dtype for v, a in graph.avals.items() if v not in graph.consts], 1e-4)
+
+
+def relative_output_error(got: Any, want: Any) -> float:
+    """``‖got - want‖ / ‖want‖`` over the float leaves of two output pytrees."""
+    pairs = [
+        (np.asarray(a, np.float64), np.asarray(b, np.float64))
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
+        if jnp.issubdtype(jnp.result_type(b), jnp.floating)
+    ]
+    num = sum(float(np.sum((a - b) ** 2)) for a, b in pairs)
+    den = sum(float(np.sum(b**2)) for _, b in pairs)
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+def fold_checked(graph, plan, param_leaves, groups, act_qps, batch_leaves, config):
+    """Folds ``groups`` (§2.4) and checks the folded float model (quantizers off,
+    offsets on) against the original on one calibration batch.
+
+    When the folded model's output moves by more than `fold_tolerance`, each group is
+    tried on its own and the ones that move it are left unfolded: the safety net for
+    patterns the dataflow analysis has not seen.
+
+    Returns:
+      ``(leaves, folds, failed)``: folded NumPy leaves, group point -> `FoldResult` of
+      the kept folds, group point -> relative error of the failed ones.
+    """
+    if not groups:
+        return [np.array(leaf, copy=True) for leaf in param_leaves], {}, {}
+    reference = evaluate_batches(graph, param_leaves, [batch_leaves])[0]
+    tolerance = fold_tolerance(graph, config)
+
+    def fold(chosen):
+        leaves = [np.array(leaf, copy=True) for leaf in param_leaves]
+        folds = {
+            g.point: fold_norm_into_dense(
+                leaves, plan, g, act_qps[g.point], exact_zero_point=config.exact_zero_point, branch=not g.foldable
+            )
+            for g in chosen
+        }
+        qparams = QParams(
+            params=jax.tree_util.tree_unflatten(
+                graph.params_treedef,
+                [jnp.asarray(leaf, dtype=jnp.result_type(o)) for leaf, o in zip(leaves, param_leaves)],
+            ),
+            weights={},
+            activations={},
+            input_offsets={k: jnp.asarray(r.input_offset) for k, r in folds.items() if r.input_offset is not None},
+            output_offsets={k: jnp.asarray(v) for r in folds.values() for k, v in r.output_offsets.items()},
+            input_scales={k: jnp.asarray(r.input_scale) for k, r in folds.items() if r.input_scale is not None},
+        )
+        hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
+        out = evaluate_batches(graph, jax.tree_util.tree_leaves(qparams.params), [batch_leaves], hooks, rewrites)[0]
+        return leaves, folds, relative_output_error(out, reference)
+
+    leaves, folds, error = fold(groups)
+    if error <= tolerance:
+        return leaves, folds, {}
+    kept, failed = [], {}
+    for group in groups:
+        *_, error = fold(kept + [group])
+        if error <= tolerance:
+            kept.append(group)
+        else:
+            failed[group.point] = error
+    leaves, folds, _ = fold(kept)
+    return leaves, folds, failed
+
+
 def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes, samples) -> TransformReport:
-    hooks, rewrites = quant_hooks(graph, plan, qparams)
+    hooks, rewrites, matmul_hooks = quant_hooks(graph, plan, qparams)
     errors: dict[str, tuple[float, float]] = {}
     names = {p.value_id: p.name for p in plan.points if p.name in qparams.activations}
 
@@ -619,6 +789,9 @@ def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes, sample
         def run(values):
             out = hook(values)
             if vid in names:
+                # error of the quantizer alone: against its input after the fold's affine
+                scale, off = qparams.input_scales.get(names[vid]), qparams.input_offsets.get(names[vid])
+                values = [affine_input(v, scale, off) for v in values]
                 sq = sum(float(jnp.sum((o - v) ** 2)) for o, v in zip(out, values))
                 ref = sum(float(jnp.sum(v**2)) for v in values)
                 count = sum(int(np.size(v)) for v in values)
@@ -633,6 +806,7 @@ def _report(graph, plan, qparams, specs, batch_leaves, fold_notes, notes, sample
         batch_leaves,
         {vid: measuring(vid, h) for vid, h in hooks.items()},
         rewrites,
+        matmul_hooks,
     )
     rows = []
     for w in plan.weights:

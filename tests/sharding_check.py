@@ -115,6 +115,10 @@ def check(preset: str) -> dict:
             (qref.weights, qref.activations, qref.input_offsets, qref.output_offsets),
         ),
         "max_output_diff": float(jnp.max(jnp.abs(out - out_ref))),
+        "error_vs_float": float(jnp.linalg.norm(out - m.apply_fn(m.params, x)) / jnp.linalg.norm(m.apply_fn(m.params, x))),
+        "error_vs_float_single_device": float(
+            jnp.linalg.norm(out_ref - m.apply_fn(m.params, x)) / jnp.linalg.norm(m.apply_fn(m.params, x))
+        ),
         "max_abs_output": float(jnp.max(jnp.abs(out_ref))),
         "params_keep_shardings": kept(qparams.params),
         "frozen_keep_shardings": kept(frozen.params),

@@ -116,6 +116,19 @@ def test_weight_only_fallback_for_per_channel_activations():
     assert _rel(rqe.integer_apply(exported, *m.inputs), qapply(qparams, *m.inputs)) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["bert_block", "plain_jax_post_ln"])
+def test_branch_folded_post_ln_consumers_run_as_int8(name):
+    # The default for post-LN norms (unfoldable="branch"): per-tensor codes on the
+    # matmul branch, so every consumer of a norm is an int8 x int8 matmul.
+    m, qparams, qapply, exported = _setup(name, 8, 8)
+    graph, plan = qapply.analysis(qparams.params, m.inputs)
+    consumers = [c.site for g in plan.groups for c in g.consumers]
+    assert any(not g.foldable for g in plan.groups) and consumers
+    modes = rqe.matmul_modes(exported, *m.inputs)
+    assert {modes[c] for c in consumers} == {"int8"}
+    assert _rel(rqe.integer_apply(exported, *m.inputs), qapply(qparams, *m.inputs)) < 1e-4
+
+
 def test_mixed_rules_storage_and_modes():
     rules = (
         repquant.Rule(pattern="mlp/fc1$", target="weight", bits=12),  # int16, weight only

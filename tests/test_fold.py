@@ -1,4 +1,4 @@
-"""Exactness of the §2.4 fold and the §2.5 log√2 → log2 form."""
+"""Exactness of the norm fold, the branch fold and the log√2 → log2 form (docs/method.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -92,3 +92,51 @@ def test_log_sqrt2_fake_quant_equals_two_accumulator_shift_add_on_real_attention
     fake = qz.fake_quant(attn, qp_attn) @ qz.fake_quant(v, qp_v)
     shift_add = qz.log_sqrt2_matmul_shift_add(qz.quantize(attn, qp_attn), qp_attn, qz.quantize(v, qp_v), qp_v)
     np.testing.assert_allclose(shift_add, fake, rtol=1e-5, atol=1e-6)
+
+
+def _point_values(graph, plan, qparams, inputs, names):
+    """The values at activation points of the folded float model (offsets and input
+    scales on, quantizers off), before the affine in front of their quantizer."""
+    from repquant_jax.interpret import evaluate
+    from repquant_jax.transform import quant_hooks
+
+    hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
+    seen = {}
+
+    def recorder(name, hook):
+        def record(values):
+            seen[name] = values[0]
+            return hook(values) if hook is not None else values
+
+        return record
+
+    for n in names:
+        vid = plan.point(n).value_id
+        hooks[vid] = recorder(n, hooks.get(vid))
+    evaluate(graph, qparams.params, inputs, hooks, rewrites)
+    return seen
+
+
+@pytest.mark.parametrize("builder", ["bert_block", "plain_jax_post_ln"])
+def test_branch_fold_keeps_the_per_channel_codes_and_outputs(builder):
+    # Weights in float, activations at 4 bits: the branch-folded model (per-tensor
+    # quantizers, a per-channel multiply-add on the matmul branch) must compute what the
+    # per-channel calibration-time model computes.
+    m = zoo.ALL[builder]()
+    q_pc, qa_pc = repquant.transform(
+        m.apply_fn, m.params, [m.inputs], P.repq_vit(4, 4, rules=FLOAT_WEIGHTS, unfoldable="per_channel"), verbose=False
+    )
+    q_br, qa_br = repquant.transform(m.apply_fn, m.params, [m.inputs], P.repq_vit(4, 4, rules=FLOAT_WEIGHTS), verbose=False)
+    graph, plan = qa_br.analysis(q_br.params, m.inputs)
+    branch = [g.point for g in plan.groups if not g.foldable and g.branch_foldable]
+    assert branch and set(q_br.input_scales) == set(branch)
+    x_pc = _point_values(graph, plan, q_pc, m.inputs, branch)
+    x_br = _point_values(graph, plan, q_br, m.inputs, branch)
+    for name in branch:
+        assert q_pc.activations[name].axis == -1 and q_br.activations[name].axis is None
+        codes_pc = qz.quantize(x_pc[name], q_pc.activations[name])
+        shifted = x_br[name] * q_br.input_scales[name] + q_br.input_offsets[name]
+        codes_br = qz.quantize(shifted, q_br.activations[name])
+        np.testing.assert_array_equal(np.asarray(codes_br), np.asarray(codes_pc))
+    out_pc, out_br = qa_pc(q_pc, *m.inputs), qa_br(q_br, *m.inputs)
+    assert float(jnp.linalg.norm(out_br - out_pc) / jnp.linalg.norm(out_pc)) <= 1e-5

@@ -121,3 +121,16 @@ def test_fold_consumer_maps_kernel_rows_to_channels():
     rows = query.row_channel.reshape(kernel.shape)
     assert (rows == jnp.arange(kernel.shape[0])[:, None, None]).all()
     assert query.bias_param_index is not None and query.bias_index.shape == (kernel.shape[1] * kernel.shape[2],)
+
+
+def test_activation_sites_of_module_path_free_traces_are_named_after_their_layer():
+    # NNX (and equinox, plain JAX) name stacks hold transformations such as
+    # "vmap(BTNH,BSNH->BNTS)", not module paths: the layer's path comes from the weight
+    # sites feeding the matmul, so that rules can target it.
+    model = zoo.nnx_vit_block()
+    plan = repquant.inspect(model.apply_fn, model.params, *model.inputs)
+    names = [m.name for m in plan.matmuls] + [s.name for s in plan.softmaxes]
+    assert names and all(n.startswith("attn/") for n in names), names
+    plain = zoo.plain_jax_transformer()
+    plan = repquant.inspect(plain.apply_fn, plain.params, *plain.inputs)
+    assert [s.name for s in plan.softmaxes] == ["layer_0/softmax", "layer_1/softmax"]

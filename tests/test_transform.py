@@ -129,9 +129,13 @@ def test_post_ln_policies():
     q, qa = repquant.transform(m.apply_fn, m.params, [m.inputs], P.repq_vit(unfoldable="per_channel"), verbose=False)
     assert q.activations["mlp/fc1:input"].axis == -1
     assert "kept per channel" in qa.report.site("mlp/fc1:input").note
-    q, qa = repquant.transform(m.apply_fn, m.params, [m.inputs], P.repq_vit(), verbose=False)
-    assert q.activations["mlp/fc1:input"].axis is None
+    q, qa = repquant.transform(m.apply_fn, m.params, [m.inputs], P.repq_vit(unfoldable="per_tensor"), verbose=False)
+    assert q.activations["mlp/fc1:input"].axis is None and not q.input_scales
     assert "not foldable" in qa.report.site("mlp/fc1:input").note
+    q, qa = repquant.transform(m.apply_fn, m.params, [m.inputs], P.repq_vit(), verbose=False)  # "branch"
+    assert q.activations["mlp/fc1:input"].axis is None
+    assert q.input_scales["mlp/fc1:input"].shape == (32,)
+    assert "branch fold" in qa.report.site("mlp/fc1:input").note
 
 
 def test_fine_tuning_qparams_through_qapply_lowers_a_loss(vit_block):

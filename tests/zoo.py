@@ -510,6 +510,228 @@ def vit_with_head(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
     return _linen_model(ViTWithHead(dim, heads, 2 * dim), seed, (x,), expected)
 
 
+# ------------------------------------------------------ 9. weight sharing and masking
+# Plain-JAX patterns where a fold or a per-value hook would go wrong unless every reader
+# of a parameter is accounted for. Counts follow the conventions above; "foldable" is
+# what is *legal* (a fold may only edit leaf elements that nothing outside the group
+# reads).
+
+
+def _ln_params(key, dim):
+    ks, kb = jax.random.split(key)
+    return {
+        "scale": jax.random.uniform(ks, (dim,), jnp.float32, 0.5, 1.5),
+        "bias": 0.1 * jax.random.normal(kb, (dim,), jnp.float32),
+    }
+
+
+def _attention(p, h, heads, mask=None, head_mask=None):
+    b, s, d = h.shape
+    hd = d // heads
+    q = _dense(p["wq"], h).reshape(b, s, heads, hd)
+    k = _dense(p["wk"], h).reshape(b, s, heads, hd)
+    v = _dense(p["wv"], h).reshape(b, s, heads, hd)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    attn = jax.nn.softmax(scores, axis=-1, where=mask)
+    if head_mask is not None:  # FlaxBert's head mask: an einsum without contraction
+        attn = jnp.einsum("...hqk,h->...hqk", attn, head_mask)
+    return _dense(p["wo"], jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, s, d))
+
+
+def _block_params(key, dim, hidden):
+    ks = jax.random.split(key, 8)
+    return {
+        "ln1": _ln_params(ks[0], dim), "wq": _dense_init(ks[1], dim, dim),
+        "wk": _dense_init(ks[2], dim, dim), "wv": _dense_init(ks[3], dim, dim),
+        "wo": _dense_init(ks[4], dim, dim), "ln2": _ln_params(ks[5], dim),
+        "fc1": _dense_init(ks[6], dim, hidden), "fc2": _dense_init(ks[7], hidden, dim),
+    }
+
+
+def _block(p, x, heads=2, **attention):
+    x = x + _attention(p, _layernorm(p["ln1"], x), heads, **attention)
+    return x + _dense(p["fc2"], jax.nn.gelu(_dense(p["fc1"], _layernorm(p["ln2"], x))))
+
+
+def tied_lm_head(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """GPT-2/Gemma style: the final norm feeds a head that reuses the embedding table,
+    which the token lookup also reads: the final norm cannot fold into it."""
+    vocab, dim = 24, 16
+    key = jax.random.key(seed)
+    params = {
+        "wte": jax.random.normal(jax.random.fold_in(key, 0), (vocab, dim)) * 0.5,
+        "block": _block_params(jax.random.fold_in(key, 1), dim, 32),
+        "ln_f": _ln_params(jax.random.fold_in(key, 2), dim),
+    }
+    ids = jax.random.randint(jax.random.fold_in(key, 3), (batch, seq), 0, vocab)
+
+    def apply_fn(p, ids):
+        x = _block(p["block"], p["wte"][ids])
+        return _layernorm(p["ln_f"], x) @ p["wte"].T
+
+    return ZooModel(apply_fn, params, (ids,), _counts(7, 2, 1, 3, ["ln1->wq,wk,wv", "ln2->fc1"]))
+
+
+def shared_kernel(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """One kernel read by two matmuls after two different norms: neither may fold."""
+    dim = 16
+    key = jax.random.key(seed)
+    params = {
+        "ln1": _ln_params(jax.random.fold_in(key, 0), dim),
+        "ln2": _ln_params(jax.random.fold_in(key, 1), dim),
+        "w": _dense_init(jax.random.fold_in(key, 2), dim, dim),
+    }
+    x = _normal(seed, 1, (batch, seq, dim))
+
+    def apply_fn(p, x):
+        y = _dense(p["w"], _layernorm(p["ln1"], x))
+        return _dense(p["w"], _layernorm(p["ln2"], x + y))
+
+    return ZooModel(apply_fn, params, (x,), _counts(2, 0, 0, 2, []))
+
+
+def kernel_and_transpose(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """``h @ W`` and ``h @ W.T`` after one norm: the fold would scale W's rows for one
+    and its columns for the other."""
+    dim = 16
+    key = jax.random.key(seed)
+    params = {"ln": _ln_params(jax.random.fold_in(key, 0), dim), "w": _normal(seed, 2, (dim, dim)) / 4}
+    x = _normal(seed, 1, (batch, seq, dim))
+
+    def apply_fn(p, x):
+        h = _layernorm(p["ln"], x)
+        return h @ p["w"] + h @ p["w"].T
+
+    return ZooModel(apply_fn, params, (x,), _counts(2, 0, 0, 1, []))
+
+
+def block_applied_twice(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """ALBERT-style sharing: one block's params applied twice; every γ, β and kernel is
+    read by two norm groups, so no fold is legal."""
+    dim = 16
+    params = _block_params(jax.random.key(seed), dim, 32)
+    x = _normal(seed, 1, (batch, seq, dim))
+
+    def apply_fn(p, x):
+        return _block(p, _block(p, x))
+
+    return ZooModel(apply_fn, params, (x,), _counts(12, 4, 2, 4, []))
+
+
+def scan_closed_over(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """A scan over a block whose params are closed over (not scanned): every iteration
+    reads the same weight values, and each must still get its own quantizers."""
+    dim = 16
+    params = _block_params(jax.random.key(seed), dim, 32)
+    x = _normal(seed, 1, (batch, seq, dim))
+
+    def apply_fn(p, x):
+        return jax.lax.scan(lambda c, _: (_block(p, c), None), x, None, length=2)[0]
+
+    return ZooModel(apply_fn, params, (x,), _counts(12, 4, 2, 4, []))
+
+
+def masked_attention(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """``softmax(where=causal)`` followed by a head mask of ones (FlaxBert's einsum
+    without contraction): one softmax feeding attn·V, no third activation matmul."""
+    dim, heads = 16, 2
+    params = _block_params(jax.random.key(seed), dim, 32)
+    x = _normal(seed, 1, (batch, seq, dim))
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+
+    def apply_fn(p, x):
+        return _block(p, x, heads, mask=causal, head_mask=jnp.ones((heads,)))
+
+    return ZooModel(apply_fn, params, (x,), _counts(6, 2, 1, 2, ["ln1->wq,wk,wv", "ln2->fc1"]))
+
+
+def derived_weights(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """Weights computed from a parameter (a masked kernel, a slice of a fused kernel):
+    still weights (w_bits, per output channel), but the norm cannot fold into them."""
+    dim = 16
+    key = jax.random.key(seed)
+    params = {
+        "ln": _ln_params(jax.random.fold_in(key, 0), dim),
+        "w": _normal(seed, 2, (dim, dim)) / 4,
+        "fused": _normal(seed, 3, (dim, 3 * dim)) / 4,
+    }
+    x = _normal(seed, 1, (batch, seq, dim))
+    mask = jnp.triu(jnp.ones((dim, dim)))
+
+    def apply_fn(p, x):
+        h = _layernorm(p["ln"], x)
+        y = h @ (p["w"] * mask)
+        return y @ jax.lax.dynamic_slice_in_dim(p["fused"], dim, dim, axis=1)
+
+    return ZooModel(apply_fn, params, (x,), _counts(2, 0, 0, 1, []))
+
+
+def one_plus_scale_rmsnorm(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """Gemma's RMSNorm ``x * rsqrt(mean(x²) + eps) * (1 + scale)`` before a Dense."""
+    dim = 16
+    key = jax.random.key(seed)
+    params = {"scale": 0.3 * _normal(seed, 2, (dim,)), "w": _dense_init(jax.random.fold_in(key, 1), dim, dim)}
+    x = _normal(seed, 1, (batch, seq, dim))
+
+    def apply_fn(p, x):
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        return _dense(p["w"], normed * (1 + p["scale"]))
+
+    return ZooModel(apply_fn, params, (x,), _counts(1, 0, 0, 1, ["scale->w"]))
+
+
+def eos_pooling(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """CLIP's text head: the final norm's output is pooled at each sequence's
+    end-of-text token (a gather) before the projection."""
+    dim = 16
+    key = jax.random.key(seed)
+    params = {"ln": _ln_params(jax.random.fold_in(key, 0), dim), "proj": _dense_init(jax.random.fold_in(key, 1), dim, 8, bias=False)}
+    x = _normal(seed, 1, (batch, seq, dim))
+    ids = jax.random.randint(jax.random.fold_in(key, 2), (batch, seq), 0, 50)
+
+    def apply_fn(p, x, ids):
+        h = _layernorm(p["ln"], x)
+        pooled = h[jnp.arange(h.shape[0]), jnp.argmax(ids, axis=-1)]
+        return _dense(p["proj"], pooled)
+
+    return ZooModel(apply_fn, params, (x, ids), _counts(1, 0, 0, 1, ["ln->(gather)->proj"]))
+
+
+def plain_jax_post_ln(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
+    """A post-LN (BERT-style) plain-JAX encoder of two layers and a head: every norm
+    but the last also feeds a residual, so only the kernel half of its fold is legal
+    (branch fold); the last feeds only the head and folds whole."""
+    dim, heads = 16, 2
+    key = jax.random.key(seed)
+    params = {f"layer_{i}": _block_params(jax.random.fold_in(key, i), dim, 32) for i in range(2)}
+    params["head"] = _dense_init(jax.random.fold_in(key, 9), dim, 10)
+    x = _normal(seed, 1, (batch, seq, dim))
+
+    def apply_fn(p, x):
+        for i in range(2):
+            lp = p[f"layer_{i}"]
+            x = _layernorm(lp["ln1"], x + _attention(lp, x, heads))
+            x = _layernorm(lp["ln2"], x + _dense(lp["fc2"], jax.nn.gelu(_dense(lp["fc1"], x))))
+        return _dense(p["head"], x)
+
+    # ln1 -> fc1 (+ residual), layer_0/ln2 -> next layer's q, k, v (+ residual),
+    # layer_1/ln2 -> head only.
+    return ZooModel(apply_fn, params, (x,), _counts(13, 4, 2, 4, ["layer_1/ln2->head"]))
+
+
+SHARING: dict[str, Callable[..., ZooModel]] = {
+    "tied_lm_head": tied_lm_head,
+    "shared_kernel": shared_kernel,
+    "kernel_and_transpose": kernel_and_transpose,
+    "block_applied_twice": block_applied_twice,
+    "scan_closed_over": scan_closed_over,
+    "masked_attention": masked_attention,
+    "derived_weights": derived_weights,
+    "one_plus_scale_rmsnorm": one_plus_scale_rmsnorm,
+    "eos_pooling": eos_pooling,
+}
+
+
 ALL: dict[str, Callable[..., ZooModel]] = {
     "linen_vit_block": linen_vit_block,
     "einsum_attention_block": einsum_attention_block,
@@ -519,6 +741,8 @@ ALL: dict[str, Callable[..., ZooModel]] = {
     "llama_block": llama_block,
     "scan_vit": scan_vit,
     "vit_with_head": vit_with_head,
+    "plain_jax_post_ln": plain_jax_post_ln,
+    **SHARING,
 }
 
 
