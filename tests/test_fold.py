@@ -140,3 +140,32 @@ def test_branch_fold_keeps_the_per_channel_codes_and_outputs(builder):
         np.testing.assert_array_equal(np.asarray(codes_br), np.asarray(codes_pc))
     out_pc, out_br = qa_pc(q_pc, *m.inputs), qa_br(q_br, *m.inputs)
     assert float(jnp.linalg.norm(out_br - out_pc) / jnp.linalg.norm(out_pc)) <= 1e-5
+
+
+@pytest.mark.parametrize("rmsnorm", ["bias", "symmetric"])
+def test_branch_fold_of_a_post_rmsnorm_reached_through_a_reshape(rmsnorm):
+    # An RMSNorm whose output feeds a residual and, through a reshape, a DenseGeneral
+    # kernel [C, heads, head_dim]: the kernel half folds with either RMSNorm option.
+    dim = 16
+    key = jax.random.key(0)
+    params = {
+        "scale": jax.random.uniform(jax.random.fold_in(key, 0), (dim,), minval=0.2, maxval=3.0),
+        "w": jax.random.normal(jax.random.fold_in(key, 1), (dim, 2, 8)) / 4,
+    }
+    x = jax.random.normal(jax.random.fold_in(key, 2), (3, 6, dim))
+
+    def apply_fn(p, x):
+        h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * p["scale"]
+        y = jnp.einsum("btc,chd->bthd", h.reshape(3, 6, dim), p["w"]).reshape(3, 6, dim)
+        return h + y
+
+    plan = repquant.inspect(apply_fn, params, x)
+    (group,) = plan.groups
+    assert group.kind == "rmsnorm" and not group.foldable and group.branch_foldable
+    outs = []
+    for unfoldable in ("per_channel", "branch"):
+        config = P.repq_vit(4, 4, rules=FLOAT_WEIGHTS, rmsnorm=rmsnorm, unfoldable=unfoldable)
+        q, qa = repquant.transform(apply_fn, params, [(x,)], config, verbose=False)
+        outs.append(qa(q, x))
+    assert "branch fold" in qa.report.site(group.point).note
+    assert float(jnp.linalg.norm(outs[1] - outs[0]) / jnp.linalg.norm(outs[0])) <= 1e-5

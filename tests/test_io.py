@@ -136,6 +136,31 @@ def test_roundtrip_llama_offsets(tmp_path, llama):
     assert_bitwise_equal(again, qparams)
 
 
+def test_roundtrip_branch_fold_input_scales(tmp_path):
+    model = zoo.bert_block()  # post-LN: the norm is branch-folded
+    qparams, qapply = _transform(model)
+    assert qparams.input_scales
+    loaded = _check_roundtrip(tmp_path, model, qparams, qapply)
+    assert list(loaded.input_scales) == list(qparams.input_scales)
+
+
+def test_format_1_files_load_without_input_scales(tmp_path, vit):
+    model, qparams, qapply = vit
+    path, old = tmp_path / "q.safetensors", tmp_path / "v1.safetensors"
+    rqio.save(path, qparams)
+
+    def as_version_1(doc):
+        doc["format_version"] = 1
+        del doc["input_scales"]
+        doc.pop("sha256")
+        doc["sha256"] = rqio._checksum(doc, safetensors.numpy.load_file(path))
+
+    _rewrite_doc(path, old, as_version_1)
+    loaded, _ = rqio.load(old)
+    assert loaded.input_scales == {}
+    assert_bitwise_equal(loaded.replace(input_scales={}), qparams)
+
+
 def test_roundtrip_nnx_needs_params_like(tmp_path, nnx_vit):
     model, qparams, qapply = nnx_vit
     path = tmp_path / "q.safetensors"
@@ -296,8 +321,9 @@ def test_corrupted_document(saved, tmp_path):
 
 def test_future_version(saved, tmp_path):
     out = tmp_path / "future.safetensors"
-    _rewrite_doc(saved, out, lambda doc: doc.update(format_version=2))
-    msg = "written by a newer repquant-jax (format 2); this version reads format 1"
+    future = rqio.FORMAT_VERSION + 1
+    _rewrite_doc(saved, out, lambda doc: doc.update(format_version=future))
+    msg = f"written by a newer repquant-jax (format {future}); this version reads format {rqio.FORMAT_VERSION}"
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         rqio.load(out)
 

@@ -96,8 +96,8 @@ def test_a_fold_that_changes_the_model_is_undone_and_reported(monkeypatch):
     original = sites._Analysis._fold_consumers
 
     def blind(self, *args):
-        consumers, _ = original(self, *args)
-        return consumers, ""
+        consumers, _, matmul_reason = original(self, *args)
+        return consumers, "", matmul_reason
 
     monkeypatch.setattr(sites._Analysis, "_fold_consumers", blind)
     plan = repquant.inspect(m.apply_fn, m.params, *m.inputs)

@@ -59,9 +59,18 @@ def _gemma() -> types.SimpleNamespace:
         stub = types.ModuleType("tensorflow")
         stub.Tensor = type("Tensor", (), {})
         sys.modules["tensorflow"] = stub
+    import flax.linen as nn
+
+    # gemma.gm.utils._dtype_params replaces flax's nn.Module.param, on import, by a wrapper
+    # with another signature (it passes `dtype` positionally to the init function), which
+    # breaks other Flax models in the same process (transformers' FlaxLlama and FlaxCLIP
+    # fail with "takes 2 positional arguments but 3 were given"). Its wrapper only matters
+    # inside gemma's initialize_param_with_dtype context, which these tests never enter.
+    original_param = nn.Module.param
     try:
         from gemma.gm.nn import _config, _modules, _transformer
     finally:
+        nn.Module.param = original_param
         if stub is not None and sys.modules.get("tensorflow") is stub:
             del sys.modules["tensorflow"]
     return types.SimpleNamespace(config=_config, modules=_modules, transformer=_transformer)
