@@ -64,16 +64,28 @@ def _gemma() -> types.SimpleNamespace:
     # gemma.gm.utils._dtype_params replaces flax's nn.Module.param, on import, by a wrapper
     # with another signature (it passes `dtype` positionally to the init function), which
     # breaks other Flax models in the same process (transformers' FlaxLlama and FlaxCLIP
-    # fail with "takes 2 positional arguments but 3 were given"). Its wrapper only matters
-    # inside gemma's initialize_param_with_dtype context, which these tests never enter.
+    # fail with "takes 2 positional arguments but 3 were given"). gemma needs it when it
+    # initializes (that is how its `dtype` reaches the params), so it is put back only
+    # around gemma's own init (`_gemma_init`).
     original_param = nn.Module.param
     try:
         from gemma.gm.nn import _config, _modules, _transformer
     finally:
-        nn.Module.param = original_param
+        gemma_param, nn.Module.param = nn.Module.param, original_param
         if stub is not None and sys.modules.get("tensorflow") is stub:
             del sys.modules["tensorflow"]
-    return types.SimpleNamespace(config=_config, modules=_modules, transformer=_transformer)
+    return types.SimpleNamespace(config=_config, modules=_modules, transformer=_transformer, param=gemma_param)
+
+
+def _gemma_init(model, *args):
+    """``jax.eval_shape(model.init, *args)`` with gemma's own ``nn.Module.param``."""
+    import flax.linen as nn
+
+    original, nn.Module.param = nn.Module.param, _gemma().param
+    try:
+        return jax.eval_shape(model.init, *args)
+    finally:
+        nn.Module.param = original
 
 
 def _random_params(shapes, seed: int):
@@ -101,7 +113,7 @@ def _build(dtype: str, counts: dict[str, int], w16: tuple[float, str] | None = N
     model = g.transformer.Transformer(config=cfg, dtype=jnp.dtype(dtype))
     # token 0 is gemma's padding id (masked out): draw from 1..VOCAB-1
     tokens = jnp.asarray(np.random.default_rng(1).integers(1, VOCAB, (BATCH, LENGTH)), jnp.int32)
-    params = _random_params(jax.eval_shape(model.init, jax.random.key(0), tokens), seed=2)
+    params = _random_params(_gemma_init(model, jax.random.key(0), tokens), seed=2)
 
     def apply_fn(params, tokens):
         return model.apply(params, tokens).logits
