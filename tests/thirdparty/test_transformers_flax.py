@@ -275,6 +275,21 @@ def test_transformers_flax(name: str, dtype: str) -> None:
     print(f"{name} {dtype}: W16 relative error {outcome.w16_error:.3g}")
 
 
+def test_flax_bert_branch_fold_equals_per_channel_quantizers() -> None:
+    """Post-LN FlaxBert, weights in float, activations at 4 bits: the default branch fold
+    (per-tensor codes on each norm's matmul branch) computes what the calibration-time
+    per-channel quantizers compute."""
+    case = CASES["FlaxBert"]("float32")
+    float_weights = (repquant.Rule(pattern=".", target="weight", skip=True),)
+    outs = []
+    for unfoldable in ("per_channel", "branch"):
+        config = repquant.presets.repq_vit(4, 4, rules=float_weights, min_rows_per_channel=1, unfoldable=unfoldable)
+        q, qa = repquant.transform(case.apply_fn, case.params, [case.batch], config, verbose=False)
+        outs.append(qa(q, *case.batch))
+    assert len(q.input_scales) == case.counts["fold_groups"]
+    assert harness.relative_error(outs[1], outs[0]) <= 1e-5
+
+
 MINILM_SENTENCES = (
     "A man is playing a guitar.",
     "Someone plays an acoustic guitar on stage.",
