@@ -24,7 +24,7 @@ $(VENV)/.installed-test: pyproject.toml Makefile | $(PY)
 setup: $(VENV)/.installed-test
 
 test: setup
-	@$(PY) -m pytest -q tests; rc=$$?; \
+	@$(PY) -m pytest -q -n 2 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
 
 demo: setup
