@@ -649,25 +649,21 @@ class _Analysis:
     def _scalar_const(self, vid: int) -> float | None:
         """The value of a constant that is one number broadcast (through broadcasts,
         casts and reshapes), else None."""
-        while vid not in self.g.consts:
-            node = self.g.nodes[self.producer[vid]] if vid in self.producer else None
-            if node is None or node.primitive not in LAYOUT_PRIMITIVES or len(node.inputs) != 1:
-                return None
-            vid = node.inputs[0]
-        value = np.asarray(self.g.consts[vid])
+        src, _ = self.layout_source(vid)
+        if src not in self.g.consts:
+            return None
+        value = np.asarray(self.g.consts[src])
         return float(value.reshape(-1)[0]) if value.size == 1 else None
 
     def _const_in_unit_interval(self, vid: int) -> bool:
         """Whether ``vid`` is a constant (whatever slicing, gathers or layout ops lead
         to it) with all its values in [0, 1]: a head mask of ones, a 0/1 mask."""
+        vid, _ = self.layout_source(vid)
         while vid not in self.g.consts:
             node = self.g.nodes[self.producer[vid]] if vid in self.producer else None
-            selects = ("slice", "dynamic_slice", "gather", "squeeze")
-            if node is None or not (node.primitive in LAYOUT_PRIMITIVES or node.primitive in selects):
+            if node is None or node.primitive not in ("slice", "dynamic_slice", "gather", "squeeze"):
                 return False
-            if node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) != 1:
-                return False
-            vid = node.inputs[0]
+            vid, _ = self.layout_source(node.inputs[0])
         value = np.asarray(self.g.consts[vid], np.float64)
         return bool(np.all((value >= 0) & (value <= 1)))
 
@@ -679,10 +675,11 @@ class _Analysis:
             if vid not in self.producer:
                 return None
             node = self.g.nodes[self.producer[vid]]
+            live = self._masked_value(node)
             if node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) == 1:
                 vid = node.inputs[0]
-            elif node.primitive == "select_n" and self._masked_value(node) is not None:
-                vid = self._masked_value(node)
+            elif live is not None:
+                vid = live
             elif node.primitive == "mul" or (
                 node.primitive == "dot_general" and not node.params["dimension_numbers"][0][0]
             ):

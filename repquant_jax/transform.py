@@ -619,9 +619,7 @@ def transform(
             continue
         to_fold.append(group)
     leaves, folds, failed = fold_checked(graph, plan, param_leaves, to_fold, act_qps, first_chunk[0], config)
-    input_scales: dict[str, np.ndarray] = {}
-    input_offsets: dict[str, np.ndarray] = {}
-    output_offsets: dict[str, np.ndarray] = {}
+    input_scales, input_offsets, output_offsets = fold_offsets(folds)
     refit = set()
     for group in to_fold:
         if group.point in failed:
@@ -638,11 +636,6 @@ def transform(
             continue
         result = folds[group.point]
         act_qps[group.point] = result.quantizer
-        if result.input_scale is not None:
-            input_scales[group.point] = result.input_scale
-        if result.input_offset is not None:
-            input_offsets[group.point] = result.input_offset
-        output_offsets.update(result.output_offsets)
         refit.update(c.site for c in group.consumers)
         if group.foldable:
             fold_notes[group.point] = f"folded {group.name} into {len(group.consumers)} matmuls (max |r2| {result.max_abs_r2:g})"
@@ -671,9 +664,9 @@ def transform(
         params=jax.tree_util.tree_unflatten(params_treedef, new_leaves),
         weights=weight_qps,
         activations=act_qps,
-        input_offsets={k: jnp.asarray(v) for k, v in input_offsets.items()},
-        output_offsets={k: jnp.asarray(v) for k, v in output_offsets.items()},
-        input_scales={k: jnp.asarray(v) for k, v in input_scales.items()},
+        input_offsets=input_offsets,
+        output_offsets=output_offsets,
+        input_scales=input_scales,
     )
 
     # 5. Weight rounding reconstruction (RepQuant).
@@ -726,6 +719,15 @@ def relative_output_error(got: Any, want: Any) -> float:
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
+def fold_offsets(folds) -> tuple[dict, dict, dict]:
+    """``(input_scales, input_offsets, output_offsets)`` of `QParams` from the
+    `FoldResult`s of `fold_checked`."""
+    input_scales = {k: jnp.asarray(r.input_scale) for k, r in folds.items() if r.input_scale is not None}
+    input_offsets = {k: jnp.asarray(r.input_offset) for k, r in folds.items() if r.input_offset is not None}
+    output_offsets = {k: jnp.asarray(v) for r in folds.values() for k, v in r.output_offsets.items()}
+    return input_scales, input_offsets, output_offsets
+
+
 def fold_checked(graph, plan, param_leaves, groups, act_qps, batch_leaves, config):
     """Folds ``groups`` (§2.4) and checks the folded float model (quantizers off,
     offsets on) against the original on one calibration batch.
@@ -751,6 +753,7 @@ def fold_checked(graph, plan, param_leaves, groups, act_qps, batch_leaves, confi
             )
             for g in chosen
         }
+        input_scales, input_offsets, output_offsets = fold_offsets(folds)
         qparams = QParams(
             params=jax.tree_util.tree_unflatten(
                 graph.params_treedef,
@@ -758,9 +761,9 @@ def fold_checked(graph, plan, param_leaves, groups, act_qps, batch_leaves, confi
             ),
             weights={},
             activations={},
-            input_offsets={k: jnp.asarray(r.input_offset) for k, r in folds.items() if r.input_offset is not None},
-            output_offsets={k: jnp.asarray(v) for r in folds.values() for k, v in r.output_offsets.items()},
-            input_scales={k: jnp.asarray(r.input_scale) for k, r in folds.items() if r.input_scale is not None},
+            input_offsets=input_offsets,
+            output_offsets=output_offsets,
+            input_scales=input_scales,
         )
         hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
         out = evaluate_batches(graph, jax.tree_util.tree_leaves(qparams.params), [batch_leaves], hooks, rewrites)[0]
@@ -770,13 +773,14 @@ def fold_checked(graph, plan, param_leaves, groups, act_qps, batch_leaves, confi
     if error <= tolerance:
         return leaves, folds, {}
     kept, failed = [], {}
+    leaves, folds = [np.array(leaf, copy=True) for leaf in param_leaves], {}  # nothing folded yet
     for group in groups:
-        *_, error = fold(kept + [group])
+        trial_leaves, trial_folds, error = fold(kept + [group])
         if error <= tolerance:
             kept.append(group)
+            leaves, folds = trial_leaves, trial_folds
         else:
             failed[group.point] = error
-    leaves, folds, _ = fold(kept)
     return leaves, folds, failed
 
 

@@ -300,29 +300,9 @@ def _plain_forward(params, x, *, num_layers: int, heads: int):
 def plain_jax_transformer(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
     dim, heads, hidden, layers, classes = 16, 2, 64, 2, 10
     key = jax.random.key(seed)
-
-    def ln(k):
-        ks, kb = jax.random.split(k)
-        return {
-            "scale": jax.random.uniform(ks, (dim,), jnp.float32, 0.5, 1.5),
-            "bias": 0.1 * jax.random.normal(kb, (dim,), jnp.float32),
-        }
-
-    params: dict = {}
-    for i in range(layers):
-        ks = jax.random.split(jax.random.fold_in(key, i), 8)
-        params[f"layer_{i}"] = {
-            "ln1": ln(ks[0]),
-            "wq": _dense_init(ks[1], dim, dim),
-            "wk": _dense_init(ks[2], dim, dim),
-            "wv": _dense_init(ks[3], dim, dim),
-            "wo": _dense_init(ks[4], dim, dim),
-            "ln2": ln(ks[5]),
-            "fc1": _dense_init(ks[6], dim, hidden),
-            "fc2": _dense_init(ks[7], hidden, dim),
-        }
+    params: dict = {f"layer_{i}": _block_params(jax.random.fold_in(key, i), dim, hidden) for i in range(layers)}
     kf, kh = jax.random.split(jax.random.fold_in(key, 1000))
-    params["final_ln"] = ln(kf)
+    params["final_ln"] = _ln_params(kf, dim)
     params["head"] = _dense_init(kh, dim, classes)
     x = _normal(seed, 1, (batch, seq, dim))
 
