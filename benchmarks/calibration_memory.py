@@ -18,7 +18,7 @@ import time
 import jax
 
 import repquant_jax as repquant
-from repquant_jax.models import vit
+from repquant_zoo.models import vit
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 import repquant_jax as repquant
-from repquant_jax import export as rqe
-from repquant_jax.models import bert
+from repquant_jax._src import export as rqe
+from repquant_zoo.models import bert
 from timing import interleaved_times
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import repquant_jax as repquant
-from repquant_jax.models import bert, llama, vit
+from repquant_zoo.models import bert, llama, vit
 from timing import interleaved_times
 
 

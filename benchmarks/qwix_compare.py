@@ -14,12 +14,12 @@ Every row uses the SAME model (``experiments/checkpoints/vit_fashion_mnist``, lo
 * ``qwix static``: the same with *static* activation scales calibrated on the calibration
   batch (qwix SRQ, ``static=True``, qwix's default ``act_batch_axes=(0,)``: one scale per
   token position, the mean of per-row absmax; see ``qwix_baseline``'s docstring).
-* ``<preset> qapply``: ``repquant_jax.transform(apply_fn, variables, calib,
+* ``<preset> qapply``: ``repquant_jax._src.transform(apply_fn, variables, calib,
   presets.<preset>(8, 8))`` and the fake-quant ``qapply(qparams, x)`` (weights are
   re-quantized on every call; values stay float32). Presets: ``repq_vit`` and ``minmax``.
 * ``<preset> qapply frozen``: ``qapply`` on ``qapply.freeze(qparams, x)``: the weights baked
   onto their grids once (what qwix does with its weights), same outputs.
-* ``<preset> integer``: ``repquant_jax.export.export(qparams, qapply, x)`` +
+* ``<preset> integer``: ``repquant_jax._src.export.export(qparams, qapply, x)`` +
   ``integer_apply(exported, x)``: weights stored as int8 codes; every W8A8 site (per-tensor
   activation quantizer with integer zero point, 8-bit weight) is an ``int8 x int8 -> int32``
   ``dot_general`` with int32 zero-point corrections and one float rescale; repq_vit's
@@ -74,8 +74,8 @@ from qwix_baseline import qwix_ptq  # noqa: E402
 from timing import interleaved_times  # noqa: E402
 
 import repquant_jax as repquant  # noqa: E402
-from repquant_jax import export as rqe  # noqa: E402
-from repquant_jax.models import vit  # noqa: E402
+from repquant_jax._src import export as rqe  # noqa: E402
+from repquant_zoo.models import vit  # noqa: E402
 
 BITS = 8
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import repquant_jax as repquant
-from repquant_jax.models import vit
+from repquant_zoo.models import vit
 from timing import median_time
 
 

@@ -52,7 +52,7 @@ def run_one(args: argparse.Namespace) -> None:
     import jax
 
     import repquant_jax as repquant
-    from repquant_jax.models import vit
+    from repquant_zoo.models import vit
 
     config = vit.ViTConfig(image_size=args.image_size, patch_size=args.patch, dim=args.dim,
                            num_heads=args.heads, depth=args.depth, num_classes=1000)

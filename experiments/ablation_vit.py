@@ -20,7 +20,7 @@ from common import (CHECKPOINT, RESULTS, calibration_draw, fashion_mnist_test, f
                     markdown_table, mean_std, top1)
 
 import repquant_jax as repquant
-from repquant_jax.diagnostics import channel_range_profile, inject_outliers
+from repquant_jax._src.diagnostics import channel_range_profile, inject_outliers
 
 P = repquant.presets
 

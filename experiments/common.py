@@ -20,9 +20,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from repquant_jax.data import batches as data_batches  # noqa: E402
-from repquant_jax.data import fashion_mnist  # noqa: E402
-from repquant_jax.models import vit  # noqa: E402
+from repquant_zoo.data import batches as data_batches  # noqa: E402
+from repquant_zoo.data import fashion_mnist  # noqa: E402
+from repquant_zoo.models import vit  # noqa: E402
 
 CHECKPOINT = REPO / "experiments" / "checkpoints" / "vit_fashion_mnist.safetensors"
 RESULTS = REPO / "experiments" / "results"

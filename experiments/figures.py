@@ -5,14 +5,14 @@ Writes three PNGs into ``experiments/figures/`` (matplotlib, Agg backend):
 * ``ln_channel_ranges.png``: per-channel range (max - min over the calibration tokens) of
   a LayerNorm output feeding q/k/v (block 0's ``norm1`` by default), before the §2.4 fold
   (original params) and after it (the folded params ``qparams.params`` of
-  ``repquant_jax.transform(..., presets.repq_vit(b, b))``), for the shipped Fashion-MNIST
+  ``repquant_jax._src.transform(..., presets.repq_vit(b, b))``), for the shipped Fashion-MNIST
   ViT and its outlier stress variant (SYNTHETIC: ``diagnostics.inject_outliers``, as in
   ``ablation_vit.py``). Reference lines: the per-channel quantizer's clipping range
   ``s_c·(2^b - 1)`` before the fold, the folded per-tensor range ``s̃·(2^b - 1)`` after it,
   and the range a per-tensor quantizer fitted to the unfolded output would use.
 * ``softmax_levels.png``: histogram of the attention probabilities of one attention layer
   on the calibration batch (log x axis) with the b-bit levels of the uniform, log2 and
-  log√2 quantizers fitted by ``repquant_jax.calibration``.
+  log√2 quantizers fitted by ``repquant_jax._src.calibration``.
 * ``accuracy_vs_bits.png``: the first metric of each model of ``experiments/results/
   ptq_table.md`` (written by ``ptq_table.py``) against the bit width, one panel per model,
   mean ± std over calibration draws, float as a horizontal line.
@@ -20,8 +20,8 @@ Writes three PNGs into ``experiments/figures/`` (matplotlib, Agg backend):
     python experiments/figures.py
     python experiments/figures.py --table experiments/results/ptq_table_minilm160.md
 
-The activations are read with ``repquant_jax.diagnostics.point_values`` at the activation
-points repquant's quantizers use (``repquant_jax.inspect`` names them), so they are exactly
+The activations are read with ``repquant_jax._src.diagnostics.point_values`` at the activation
+points repquant's quantizers use (``repquant_jax._src.inspect`` names them), so they are exactly
 the tensors the quantizers were fitted to (in float: the figure shows no upstream
 quantization).
 """
@@ -47,8 +47,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, calibration_draw, load_vit, log  # noqa: E402
 
-from repquant_jax.diagnostics import channel_ranges, point_values  # noqa: E402
-from repquant_jax.models import vit  # noqa: E402
+from repquant_jax._src.diagnostics import channel_ranges, point_values  # noqa: E402
+from repquant_zoo.models import vit  # noqa: E402
 
 FIGURES = REPO / "experiments" / "figures"
 
@@ -74,7 +74,7 @@ QUANTIZER_COLORS = {"uniform": "tab:blue", "log2": "tab:green", "log√2": "tab:
 
 def softmax_point(apply_fn: Callable[..., Any], params: Any, inputs: Sequence[Any], block: int) -> str:
     """Name of the activation point holding block ``block``'s attention probabilities."""
-    from repquant_jax.inspect import inspect
+    from repquant_jax._src.inspect import inspect
 
     plan = inspect(apply_fn, params, *inputs)
     names = [p.name for p in plan.points if p.source == "softmax" and p.name.startswith(f"blocks_{block}/")]
@@ -131,7 +131,7 @@ def ln_range_panel(apply_fn: Callable[..., Any], params: Any, calib: list[np.nda
         label: the panel's model label.
     """
     import repquant_jax as repquant
-    from repquant_jax import calibration
+    from repquant_jax._src import calibration
 
     folded, _ = repquant.transform(apply_fn, params, calib, repquant.presets.repq_vit(bits, bits), verbose=False)
     unfolded, _ = repquant.transform(apply_fn, params, calib, repquant.presets.repq_vit(bits, bits, fold_norms=False),
@@ -220,7 +220,7 @@ def quantizer_levels(qp: Any, values: np.ndarray) -> QuantizerLevels:
     """All levels of a fitted `QuantParams` and its error on ``values``."""
     import jax.numpy as jnp
 
-    from repquant_jax import quantizers as qz
+    from repquant_jax._src import quantizers as qz
 
     lo, hi = qz.code_range(qp)
     levels = np.asarray(qz.dequantize(jnp.arange(lo, hi + 1), qp), np.float64)
@@ -233,8 +233,8 @@ def quantizer_levels(qp: Any, values: np.ndarray) -> QuantizerLevels:
 
 
 def softmax_quantizers(values: np.ndarray, bits: int) -> dict[str, QuantizerLevels]:
-    """Fits the uniform, log2 and log√2 quantizers as `repquant_jax.calibration` does."""
-    from repquant_jax import calibration
+    """Fits the uniform, log2 and log√2 quantizers as `repquant_jax._src.calibration` does."""
+    from repquant_jax._src import calibration
 
     flat = np.asarray(values, np.float32).reshape(-1)
     fitted = {
@@ -456,7 +456,7 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
 
-    from repquant_jax.diagnostics import inject_outliers
+    from repquant_jax._src.diagnostics import inject_outliers
 
     start = time.perf_counter()
     apply_fn, variables, info = load_vit()
@@ -475,7 +475,7 @@ def main() -> None:
         panels, out_dir / "ln_channel_ranges.png",
         title=f"Fashion-MNIST ViT ({info['config']}), blocks_{args.norm_block}.norm1 output (input of q/k/v), "
               f"{args.samples} calibration images × {vit.get_config(info['config']).num_tokens} tokens;\n"
-              f"fold of repquant_jax.transform(..., presets.repq_vit({args.bits}, {args.bits}))")]
+              f"fold of repquant_jax._src.transform(..., presets.repq_vit({args.bits}, {args.bits}))")]
 
     sm_point = softmax_point(apply_fn, variables, calib, args.softmax_block)
     values = point_values(apply_fn, variables, np.concatenate(calib), names=[sm_point])[sm_point]
@@ -486,7 +486,7 @@ def main() -> None:
     written.append(plot_softmax_levels(
         values, quantizers, args.bits, out_dir / "softmax_levels.png",
         title=f"Attention probabilities of blocks_{args.softmax_block} (all heads, {args.samples} calibration images)\n"
-              f"and the {args.bits}-bit levels of the quantizers fitted to them by repquant_jax.calibration"))
+              f"and the {args.bits}-bit levels of the quantizers fitted to them by repquant_jax._src.calibration"))
 
     written.append(plot_accuracy_vs_bits(
         tables, out_dir / "accuracy_vs_bits.png",

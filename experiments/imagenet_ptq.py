@@ -1,7 +1,7 @@
 """ImageNet PTQ, the paper's setting (DESIGN.md §2.7), for users who have the data.
 
 Quantizes a ViT/DeiT checkpoint in timm's safetensors layout with each method of
-``--methods`` (``repquant_jax.presets``) at each bit width of ``--bits`` (W = A), from
+``--methods`` (``repquant_jax._src.presets``) at each bit width of ``--bits`` (W = A), from
 ``--calib-samples`` random training images (seeded), and reports top-1 on the validation
 split next to float and the paper's numbers where DESIGN.md §2.7 has them.
 
@@ -13,7 +13,7 @@ TensorFlow). It must be prepared in ``--data-dir`` in the ``array_record`` forma
 
 (building needs TensorFlow; reading here does not). JPEG decoding uses Pillow, as TFDS does.
 
-Model: ``--model`` names a config of ``repquant_jax.models.vit`` (``deit_s16``) or its timm
+Model: ``--model`` names a config of ``repquant_zoo.models.vit`` (``deit_s16``) or its timm
 name (``deit_small_patch16_224``; a pretrained tag such as ``.fb_in1k`` is ignored);
 ``--config-json`` gives ``ViTConfig`` fields instead (alone, over ``ViTConfig``'s defaults)
 or on top of ``--model``. Checkpoints from the Hugging Face hub's ``timm/`` repositories
@@ -58,8 +58,8 @@ import tensorflow_datasets as tfds
 from common import RESULTS, log, machine, markdown_table
 
 import repquant_jax as repquant
-from repquant_jax.data import batches
-from repquant_jax.models import vit
+from repquant_zoo.data import batches
+from repquant_zoo.models import vit
 
 DATASET = "imagenet2012"
 #: mean, std per ``--normalization`` (timm's IMAGENET_DEFAULT_* and IMAGENET_INCEPTION_*).
@@ -119,7 +119,7 @@ def resolve_model(model: str | None, config_json: str | None) -> tuple[str | Non
     """
     if model is None and config_json is None:
         raise SystemExit(
-            "pass --model (a config of repquant_jax.models.vit such as deit_s16, or its timm "
+            "pass --model (a config of repquant_zoo.models.vit such as deit_s16, or its timm "
             "name such as deit_small_patch16_224) or --config-json (ViTConfig fields)"
         )
     overrides = _read_config_json(config_json) if config_json is not None else {}
@@ -351,7 +351,7 @@ def quantize_all(
         apply_fn: ``apply_fn(variables, images) -> logits``.
         variables: the float model's variables.
         calib: calibration batches, each a 1-tuple of preprocessed images.
-        methods: names of ``repquant_jax.presets``.
+        methods: names of ``repquant_jax._src.presets``.
         bits: bit widths, used for weights and activations alike.
         repquant_steps: overrides repquant's learning steps (None: the preset's).
 

@@ -18,7 +18,7 @@ Models and metrics:
   cross-entropy over 128 predictions per window). Calibration: ``samples`` random 128-byte
   windows of the TRAIN split.
 
-Rows: float, minmax, percentile, repq_vit, repquant (``repquant_jax.presets``), qwix dynamic
+Rows: float, minmax, percentile, repq_vit, repquant (``repquant_jax._src.presets``), qwix dynamic
 and qwix static (``experiments/qwix_baseline.qwix_ptq`` on the Linen module, same calibration
 data). Columns W4A4, W6A6, W8A8. Each quantized cell: mean ± std over ``--draws`` calibration
 draws (seeds 0..draws-1) of ``--samples`` samples, one calibration batch per draw. A qwix
@@ -49,7 +49,7 @@ from common import (REPO, RESULTS, calibration_draw, fashion_mnist_test, load_vi
 from qwix_baseline import qwix_ptq
 
 import repquant_jax as repquant
-from repquant_jax.models import bert, llama, vit
+from repquant_zoo.models import bert, llama, vit
 
 P = repquant.presets
 METHODS = ["minmax", "percentile", "repq_vit", "repquant"]
@@ -108,7 +108,7 @@ def correlations(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def setup_minilm(args) -> dict:
-    from repquant_jax.data import text
+    from repquant_zoo.data import text
 
     enc = bert.SentenceEncoder.from_pretrained()
     cfg, variables = enc.config, enc.variables
@@ -194,7 +194,7 @@ def heldout_windows(data: np.ndarray, n: int, length: int) -> np.ndarray:
 def setup_llama(args) -> dict:
     import json
 
-    from repquant_jax.data import text
+    from repquant_zoo.data import text
 
     info = json.loads((LLAMA_DIR / "training.json").read_text())
     cfg, variables = llama.load_pretrained(LLAMA_DIR)

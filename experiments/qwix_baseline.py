@@ -456,7 +456,7 @@ def _smoke() -> None:
     import time
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from repquant_jax.models import vit
+    from repquant_zoo.models import vit
 
     cfg = vit.get_config("vit_tiny_fashion_mnist_p7")
     model = vit.VisionTransformer(cfg)

@@ -1,9 +1,9 @@
 """Trains the tiny byte-level LLaMA on packaged English text; writes the project's checkpoint.
 
-Data: :func:`repquant_jax.data.text.training_corpus` (Lee background news + the Wikipedia
+Data: :func:`repquant_zoo.data.text.training_corpus` (Lee background news + the Wikipedia
 extract of gensim's test data + WordNet glosses), split by
-:func:`repquant_jax.data.text.byte_split` into training bytes and 5% held-out bytes by whole
-documents/paragraphs. Model: :func:`repquant_jax.models.llama.llama_tiny_bytes` (vocab 256,
+:func:`repquant_zoo.data.text.byte_split` into training bytes and 5% held-out bytes by whole
+documents/paragraphs. Model: :func:`repquant_zoo.models.llama.llama_tiny_bytes` (vocab 256,
 4 layers, 4 heads) shrunk by default to dim 192 and SwiGLU width 512 (1.87 M parameters) so
 that training fits in about 25 minutes on 2 shared CPU cores (``--dim 256 --ffn 768`` gives
 the unshrunk 3.54 M-parameter model, about twice as slow per step; the shipped 800-step run
@@ -20,10 +20,10 @@ on ``--eval-windows`` fixed held-out windows; at the end on ``--final-eval-windo
 Writes (``--out``, default ``experiments/checkpoints/tiny_llama/``):
 
 * ``config.json`` + ``model.safetensors`` (HF LLaMA layout, float32) through
-  :func:`repquant_jax.models.llama.save_pretrained`; load with ``llama.load_pretrained``;
+  :func:`repquant_zoo.models.llama.save_pretrained`; load with ``llama.load_pretrained``;
 * ``training.json``: config, steps, seed, optimizer, corpus sizes, held-out perplexity,
   training minutes, the eval history, and the RMSNorm-output channel-range profile
-  (:func:`repquant_jax.diagnostics.channel_range_profile` on ``--profile-windows`` held-out
+  (:func:`repquant_jax._src.diagnostics.channel_range_profile` on ``--profile-windows`` held-out
   windows: per norm output feeding matmuls, max over channels of (max - min) divided by the
   median channel range; DeiT-S has about 30, a model without outliers 1-3).
 
@@ -53,9 +53,9 @@ import optax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from repquant_jax.data import text  # noqa: E402
-from repquant_jax.diagnostics import channel_range_profile  # noqa: E402
-from repquant_jax.models import llama  # noqa: E402
+from repquant_zoo.data import text  # noqa: E402
+from repquant_jax._src.diagnostics import channel_range_profile  # noqa: E402
+from repquant_zoo.models import llama  # noqa: E402
 
 DEFAULT_OUT = REPO / "experiments" / "checkpoints" / "tiny_llama"
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         "data": {
             "sources": list(sizes),
             "corpus_sizes": sizes,
-            "split": f"repquant_jax.data.text.byte_split(training_corpus({list(sizes)}), "
+            "split": f"repquant_zoo.data.text.byte_split(training_corpus({list(sizes)}), "
                      f"heldout_fraction={args.heldout_fraction}, seed={args.split_seed})",
             "train_bytes": int(len(train)),
             "heldout_bytes": int(len(heldout)),
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         "checkpoint_mb": round(size_mb, 2),
         "history": history,
         "rmsnorm_range_profile": {
-            "definition": "repquant_jax.diagnostics.channel_range_profile on held-out windows: "
+            "definition": "repquant_jax._src.diagnostics.channel_range_profile on held-out windows: "
                           "per norm output feeding matmuls, max over channels of (max - min) / "
                           "median over channels of (max - min)",
             "windows": int(len(prof_x)),

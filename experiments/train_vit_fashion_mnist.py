@@ -8,7 +8,7 @@ same checkpoint.
 
 Writes (``--out``, default ``experiments/checkpoints/vit_fashion_mnist.safetensors``):
 
-* the weights in timm layout (``repquant_jax.models.vit.save_safetensors``); load with
+* the weights in timm layout (``repquant_zoo.models.vit.save_safetensors``); load with
   ``vit.load_safetensors(path, vit.get_config(<config name>))``;
 * ``<out stem>.json``: config name, epochs, seed, test accuracy, training time, per-epoch
   history, and the LayerNorm channel-range profile (for each LayerNorm output on
@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from repquant_jax.data import batches as data_batches
-from repquant_jax.data import fashion_mnist
-from repquant_jax.diagnostics import channel_ranges
-from repquant_jax.models import vit
+from repquant_zoo.data import batches as data_batches
+from repquant_zoo.data import fashion_mnist
+from repquant_jax._src.diagnostics import channel_ranges
+from repquant_zoo.models import vit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "experiments" / "checkpoints" / "vit_fashion_mnist.safetensors"

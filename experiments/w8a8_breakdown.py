@@ -25,8 +25,8 @@ import numpy as np
 from common import REPO, RESULTS, load_vit, log, machine, markdown_table
 
 import repquant_jax as repquant
-from repquant_jax.data import batches, fashion_mnist
-from repquant_jax.models import bert
+from repquant_zoo.data import batches, fashion_mnist
+from repquant_zoo.models import bert
 
 sys.path.insert(0, str(REPO / "tests"))
 from test_transform_real import CALIB, EVAL  # noqa: E402  (the sentences the test uses)

@@ -7,15 +7,15 @@ Example:
   >>> # logits = qapply(qparams, images)
 """
 
-from repquant_jax import presets
-from repquant_jax.config import DualClipping, QuantConfig, Reconstruction, Rule
-from repquant_jax.graph import UnsupportedGraphError
-from repquant_jax.inspect import inspect
-from repquant_jax.io import load, save
-from repquant_jax.quantizers import QuantParams
-from repquant_jax.report import TransformReport
-from repquant_jax.sites import Plan
-from repquant_jax.transform import QApply, QParams, transform
+from repquant_jax._src import presets
+from repquant_jax._src.config import DualClipping, QuantConfig, Reconstruction, Rule
+from repquant_jax._src.graph import UnsupportedGraphError
+from repquant_jax._src.inspect import inspect
+from repquant_jax._src.io import load, save
+from repquant_jax._src.quantizers import QuantParams
+from repquant_jax._src.report import TransformReport
+from repquant_jax._src.sites import Plan
+from repquant_jax._src.transform import QApply, QParams, transform
 
 __all__ = [
     "transform",

@@ -1,4 +1,4 @@
-"""Tests for repquant_jax.calibration (DESIGN §2.2)."""
+"""Tests for repquant_jax._src.calibration (DESIGN §2.2)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repquant_jax import calibration as cal
-from repquant_jax import quantizers as qz
+from repquant_jax._src import calibration as cal
+from repquant_jax._src import quantizers as qz
 
 PERCENTILES = cal.DEFAULT_PERCENTILES
 

@@ -1,4 +1,4 @@
-"""repquant_jax.data: the local TFDS Fashion-MNIST builder and the batch iterators.
+"""repquant_zoo.data: the local TFDS Fashion-MNIST builder and the batch iterators.
 
 Uses the real IDX files of the Debian package ``dataset-fashion-mnist`` (``make test``
 installs it); the dataset is built once per session into a temporary data_dir.
@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from repquant_jax.data import batches as B
-from repquant_jax.data import fashion_mnist as fm
+from repquant_zoo.data import batches as B
+from repquant_zoo.data import fashion_mnist as fm
 
 try:
     IDX_DIR = fm.find_idx_dir()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zoo
 
-from repquant_jax.diagnostics import channel_range_profile, inject_outliers
+from repquant_jax._src.diagnostics import channel_range_profile, inject_outliers
 
 
 @pytest.mark.parametrize("builder", ["linen_vit_block", "llama_block", "vit_with_head", "scan_vit"])

@@ -12,9 +12,9 @@ import zoo
 
 import conftest
 import repquant_jax as repquant
-from repquant_jax import export as rqe
-from repquant_jax import quantizers as qz
-from repquant_jax.fold import weight_matrix
+from repquant_jax._src import export as rqe
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.fold import weight_matrix
 
 P = conftest.zoo_presets
 MODELS = ("linen_vit_block", "llama_block", "bert_block")
@@ -194,7 +194,7 @@ def test_lowered_programs_have_no_callbacks_or_custom_calls():
 
 
 def test_vit_w4_exported_bytes_at_most_0_15_of_float():
-    from repquant_jax.models import vit
+    from repquant_zoo.models import vit
 
     model = vit.VisionTransformer(vit.vit_tiny_fashion_mnist())
     x = jax.random.uniform(jax.random.key(1), (1, 28, 28, 1))

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import figures  # noqa: E402
 
-from repquant_jax import quantizers as qz  # noqa: E402
+from repquant_jax._src import quantizers as qz  # noqa: E402
 
 TABLE = """# PTQ table
 

@@ -8,8 +8,8 @@ import zoo
 
 import conftest
 import repquant_jax as repquant
-from repquant_jax import quantizers as qz
-from repquant_jax.transform import QParams
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.transform import QParams
 
 P = conftest.zoo_presets
 FLOAT_WEIGHTS = (repquant.Rule(pattern=".", target="weight", skip=True),)
@@ -97,8 +97,8 @@ def test_log_sqrt2_fake_quant_equals_two_accumulator_shift_add_on_real_attention
 def _point_values(graph, plan, qparams, inputs, names):
     """The values at activation points of the folded float model (offsets and input
     scales on, quantizers off), before the affine in front of their quantizer."""
-    from repquant_jax.interpret import evaluate
-    from repquant_jax.transform import quant_hooks
+    from repquant_jax._src.interpret import evaluate
+    from repquant_jax._src.transform import quant_hooks
 
     hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
     seen = {}

@@ -1,4 +1,4 @@
-"""Tracing and inlining (repquant_jax/graph.py) and the identity interpreter."""
+"""Tracing and inlining (repquant_jax/_src/graph.py) and the identity interpreter."""
 
 import flax.linen as nn
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zoo
 
-from repquant_jax.graph import UnsupportedGraphError, path_to_str, trace
-from repquant_jax.interpret import evaluate
+from repquant_jax._src.graph import UnsupportedGraphError, path_to_str, trace
+from repquant_jax._src.interpret import evaluate
 
 
 @pytest.mark.parametrize("builder", sorted(zoo.ALL))

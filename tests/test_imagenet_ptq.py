@@ -31,7 +31,7 @@ sys.path.insert(0, str(_ROOT / "tests" / "models"))
 import imagenet_ptq  # noqa: E402
 from torch_reference import import_torch  # noqa: E402
 
-from repquant_jax.models import vit  # noqa: E402
+from repquant_zoo.models import vit  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2, num_classes=1000)
 NUM_EXAMPLES = {"train": 24, "validation": 20}

@@ -1,4 +1,4 @@
-"""Hooks of the interpreter (repquant_jax/interpret.py)."""
+"""Hooks of the interpreter (repquant_jax/_src/interpret.py)."""
 
 import flax.linen as nn
 import jax
@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import zoo
 
-from repquant_jax.graph import trace
-from repquant_jax.interpret import evaluate, evaluate_batches
-from repquant_jax.sites import analyze
+from repquant_jax._src.graph import trace
+from repquant_jax._src.interpret import evaluate, evaluate_batches
+from repquant_jax._src.sites import analyze
 
 
 def _post_ln():

@@ -1,4 +1,4 @@
-"""Tests for repquant_jax.io: save/load of QParams as one safetensors file."""
+"""Tests for repquant_jax._src.io: save/load of QParams as one safetensors file."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import repquant_jax as rq
-from repquant_jax import io as rqio
-from repquant_jax import quantizers as qz
-from repquant_jax.transform import QParams
+from repquant_jax._src import io as rqio
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.transform import QParams
 
 import zoo
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import repquant_jax as repquant
-from repquant_jax import calibration as cal
-from repquant_jax import quantizers as qz
-from repquant_jax.learn import adaround_matrix, learn_dual_clipping
+from repquant_jax._src import calibration as cal
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.learn import adaround_matrix, learn_dual_clipping
 
 
 def _matmul_problem(rows: int, k: int = 32, n: int = 16, seed: int = 0, correlated: bool = True):

@@ -16,7 +16,7 @@ import zoo
 from thirdparty import harness
 
 import repquant_jax as repquant
-from repquant_jax import sites
+from repquant_jax._src import sites
 
 
 def _transform(m, config):

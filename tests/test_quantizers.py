@@ -1,4 +1,4 @@
-"""Tests for repquant_jax.quantizers (DESIGN §2.1, §2.5)."""
+"""Tests for repquant_jax._src.quantizers (DESIGN §2.1, §2.5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repquant_jax import quantizers as qz
+from repquant_jax._src import quantizers as qz
 
 # The ops are jitted internally, so every new shape/bit width compiles (~50 ms):
 # the example counts keep the file well under a minute on one core.

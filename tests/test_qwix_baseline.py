@@ -18,7 +18,7 @@ pytest.importorskip("qwix")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import qwix_baseline as qb  # noqa: E402
 
-from repquant_jax.models import bert, vit  # noqa: E402
+from repquant_zoo.models import bert, vit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # qwix's nnx.VariableState use
 

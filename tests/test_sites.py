@@ -1,4 +1,4 @@
-"""Site discovery and fold legality (repquant_jax/sites.py) on the model zoo."""
+"""Site discovery and fold legality (repquant_jax/_src/sites.py) on the model zoo."""
 
 import flax.linen as nn
 import jax

@@ -1,4 +1,4 @@
-"""repquant_jax.data.text: packaged English text (gensim test data, WordNet glosses).
+"""repquant_zoo.data.text: packaged English text (gensim test data, WordNet glosses).
 
 Uses the real files that ``make setup`` installs (``pip install --no-deps gensim`` and the
 Debian package ``wordnet-base``); the missing-data errors are tested by pointing the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repquant_jax.data import text
+from repquant_zoo.data import text
 
 try:
     text.gensim_test_data_dir()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import repquant_jax as repquant
-from repquant_jax.models import bert, vit
+from repquant_zoo.models import bert, vit
 
 P = repquant.presets
 LIGHT_LEARNING = dict(
@@ -92,7 +92,7 @@ def fashion_vit():
     if not path.exists():
         pytest.skip("the shipped ViT checkpoint is missing")
     try:
-        from repquant_jax.data import batches, fashion_mnist
+        from repquant_zoo.data import batches, fashion_mnist
 
         train_images, _ = fashion_mnist.load_arrays("train")
         test_images, _ = fashion_mnist.load_arrays("test")
@@ -138,7 +138,7 @@ def test_minilm_integer_apply_differs_from_qapply_by_float_rounding_only(minilm)
     # quantization step, and six post-LN layers amplify the flips (most first appear at
     # padding tokens, whose representations are large). The bound: the two paths differ
     # by no more than the fake-quant model itself moves when its params move by 2 ulps.
-    from repquant_jax import export as rqe
+    from repquant_jax._src import export as rqe
 
     apply_fn, variables, calib, evals = minilm
     qparams, qapply = repquant.transform(apply_fn, variables, calib, P.repq_vit(8, 8), verbose=False)

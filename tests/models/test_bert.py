@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from repquant_jax.models import bert
-from repquant_jax.models.checkpoint import CheckpointError, load_state_dict
+from repquant_zoo.models import bert
+from repquant_zoo.models.checkpoint import CheckpointError, load_state_dict
 
 SENTENCES = [
     "A man is playing a guitar.",

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repquant_jax.models import vit
-from repquant_jax.models.checkpoint import CheckpointError
+from repquant_zoo.models import vit
+from repquant_zoo.models.checkpoint import CheckpointError
 
 from torch_reference import import_torch as _import_torch_reference  # noqa: E402
 

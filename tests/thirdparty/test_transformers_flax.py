@@ -328,9 +328,9 @@ def minilm() -> tuple[Any, Any, dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def project_minilm(minilm) -> tuple[Callable[..., Any], Any]:
-    """The project's own BERT (`repquant_jax.models.bert`) with the same checkpoint,
+    """The project's own BERT (`repquant_zoo.models.bert`) with the same checkpoint,
     loaded by its own converter: ``(apply_fn(variables, ids, mask), variables)``."""
-    from repquant_jax.models import bert
+    from repquant_zoo.models import bert
 
     _, folder, _ = minilm
     config, variables = bert.load_pretrained(folder)

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax.models.checkpoint import (
+from repquant_zoo.models.checkpoint import (
     CheckpointError,
     TensorReader,
     load_state_dict,

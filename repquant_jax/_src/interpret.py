@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from repquant_jax.graph import LAYOUT_PRIMITIVES, Graph
+from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
 
 __all__ = ["Hook", "MatmulFn", "evaluate", "evaluate_batches"]
 
@@ -42,7 +42,7 @@ def evaluate(
     """Evaluates the graph on one call's inputs.
 
     Args:
-      graph: from `repquant_jax.graph.trace`.
+      graph: from `repquant_jax._src.graph.trace`.
       params: the parameter pytree (same structure as traced).
       inputs: the positional inputs (same structure as traced).
       hooks: value id -> hook; see the module docstring.
@@ -76,7 +76,7 @@ def evaluate_batches(
     """Evaluates the graph on several batches at once, node by node.
 
     Args:
-      graph: from `repquant_jax.graph.trace`.
+      graph: from `repquant_jax._src.graph.trace`.
       param_leaves: flattened parameter leaves.
       batches: for each batch, its flattened input leaves.
       hooks: value id -> hook, called once per hooked value with the list of that
@@ -86,7 +86,7 @@ def evaluate_batches(
         reads them (one list of operands per batch), returning the operands to use.
       matmul_fns: node index -> ``fn(operands) -> value`` computing that (matmul) node
         in place of its primitive, once per batch, from the operands as matmuls read
-        them (hooked values, after ``matmul_hooks``). Used by `repquant_jax.export` for
+        them (hooked values, after ``matmul_hooks``). Used by `repquant_jax._src.export` for
         integer matmuls. Default None: every node runs its own primitive.
 
     Returns:

@@ -44,7 +44,7 @@ keeps whole when it holds text out: a Lee document, a Wikipedia paragraph, or a 
 consecutive WordNet glosses (one gloss per line).
 
 Example:
-    >>> from repquant_jax.data import text
+    >>> from repquant_zoo.data import text
     >>> docs = text.lee_documents()  # doctest: +SKIP
     >>> pairs, scores = text.lee_similarity_pairs()  # doctest: +SKIP
     >>> pairs.shape, scores.shape  # doctest: +SKIP

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax.graph import trace
-from repquant_jax.interpret import evaluate
-from repquant_jax.sites import analyze
+from repquant_jax._src.graph import trace
+from repquant_jax._src.interpret import evaluate
+from repquant_jax._src.sites import analyze
 
 __all__ = ["channel_range_profile", "channel_ranges", "inject_outliers", "point_values"]
 
@@ -34,7 +34,7 @@ def channel_ranges(x: Any) -> np.ndarray:
 
 
 def point_values(apply_fn: Callable[..., Any], params: Any, *inputs: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Float values of the named activation points (as `repquant_jax.inspect` names them).
+    """Float values of the named activation points (as `repquant_jax._src.inspect` names them).
 
     Args:
       apply_fn: ``apply_fn(params, *inputs)``.

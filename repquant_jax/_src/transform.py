@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from repquant_jax import calibration as cal
-from repquant_jax import quantizers as qz
-from repquant_jax.config import QuantConfig, SiteSpec
-from repquant_jax.fold import fold_norm_into_dense, weight_from_matrix, weight_matrix
-from repquant_jax.graph import Graph, trace
-from repquant_jax.interpret import evaluate, evaluate_batches
-from repquant_jax.report import SiteReport, TransformReport
-from repquant_jax.sites import Plan, WeightSite, analyze
+from repquant_jax._src import calibration as cal
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.config import QuantConfig, SiteSpec
+from repquant_jax._src.fold import fold_norm_into_dense, weight_from_matrix, weight_matrix
+from repquant_jax._src.graph import Graph, trace
+from repquant_jax._src.interpret import evaluate, evaluate_batches
+from repquant_jax._src.report import SiteReport, TransformReport
+from repquant_jax._src.sites import Plan, WeightSite, analyze
 
 __all__ = ["QParams", "QApply", "transform", "resolve_specs", "quant_hooks"]
 
@@ -484,7 +484,7 @@ def transform(
       calib_batches: an iterable of calibration batches; each item is a tuple of
         ``apply_fn``'s positional inputs, or a single array for one input. All batches
         must have the same shapes.
-      config: from `repquant_jax.presets`.
+      config: from `repquant_jax._src.presets`.
       verbose: print progress.
 
     Returns:
@@ -508,7 +508,7 @@ def transform(
       (8, 4)
     """
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig (see repquant_jax.presets), got {type(config).__name__}")
+        raise TypeError(f"config must be a QuantConfig (see repquant_jax._src.presets), got {type(config).__name__}")
     progress = _Progress(verbose)
     stream = _BatchStream(calib_batches)
     chunk = stream.chunk(config.calibration_chunk)
@@ -586,7 +586,7 @@ def transform(
 
     # 2. Learnable dual clipping of the per-channel norm quantizers (RepQuant).
     if config.dual_clipping is not None and group_inputs:
-        from repquant_jax.learn import learn_dual_clipping
+        from repquant_jax._src.learn import learn_dual_clipping
 
         for i, (point, rows) in enumerate(group_inputs.items()):
             group = group_of_point[point]
@@ -671,7 +671,7 @@ def transform(
 
     # 5. Weight rounding reconstruction (RepQuant).
     if config.reconstruction is not None:
-        from repquant_jax.learn import reconstruct_weights
+        from repquant_jax._src.learn import reconstruct_weights
 
         qparams = reconstruct_weights(graph, plan, qparams, first_chunk, config, progress)
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from repquant_jax import quantizers as qz
-from repquant_jax.config import SiteSpec
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.config import SiteSpec
 
 __all__ = ["SiteReport", "TransformReport"]
 

@@ -2,7 +2,7 @@
 
 A `QuantConfig` says how every site is quantized; `Rule`s override it for the sites
 whose name matches a regular expression (first match wins, like qwix). The presets in
-`repquant_jax.presets` build the configs of the methods compared in DESIGN.md §2.7.
+`repquant_jax._src.presets` build the configs of the methods compared in DESIGN.md §2.7.
 
 Example:
   >>> import repquant_jax as repquant
@@ -39,7 +39,7 @@ class Rule:
 
     Attributes:
       pattern: regular expression matched against site names as printed by
-        `repquant_jax.inspect` (``"Block_3/attn/query"``, ``"fc1:input"``).
+        `repquant_jax._src.inspect` (``"Block_3/attn/query"``, ``"fc1:input"``).
       target: ``"weight"``, ``"activation"`` or ``"any"``: which sites the rule is for.
       bits: bit-width for the matched sites.
       kind: activation quantizer kind (``"uniform"``, ``"symmetric"``, ``"log2"``,
@@ -123,7 +123,7 @@ class Reconstruction:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
-    """How to quantize a model. Build one with `repquant_jax.presets`.
+    """How to quantize a model. Build one with `repquant_jax._src.presets`.
 
     Attributes:
       w_bits: weight bit-width (per output channel, asymmetric uniform).

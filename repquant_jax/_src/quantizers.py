@@ -72,7 +72,7 @@ Design decisions:
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from repquant_jax import quantizers as qz
+    >>> from repquant_jax._src import quantizers as qz
     >>> qp = qz.uniform(scale=0.5, zero_point=2.0, bits=4)
     >>> qz.quantize(jnp.array([-1.0, 0.26, 100.0]), qp)
     Array([ 0,  3, 15], dtype=int32)

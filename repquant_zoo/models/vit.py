@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax.models.checkpoint import (
+from repquant_zoo.models.checkpoint import (
     TensorReader,
     load_state_dict,
     save_state_dict,
@@ -418,7 +418,7 @@ def params_from_timm(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[s
             shaped tensor with its expected and actual shape.
 
     Example:
-        >>> from repquant_jax.models import vit
+        >>> from repquant_zoo.models import vit
         >>> cfg = vit.vit_tiny_fashion_mnist(depth=1)
         >>> sd = vit.params_to_timm(vit.VisionTransformer(cfg).init(
         ...     jax.random.key(0), jnp.zeros((1, 28, 28, 1))), cfg)

@@ -1,7 +1,7 @@
 """Range estimation: fit a quantizer to observed values (DESIGN §2.2).
 
 Every rule takes observed values (a ``jax.Array`` or a NumPy array) and returns
-a :class:`~repquant_jax.quantizers.QuantParams`:
+a :class:`~repquant_jax._src.quantizers.QuantParams`:
 
 * :func:`minmax`: the full range (baseline).
 * :func:`percentile`: ``[quantile(x, 1-p), quantile(x, p)]`` (baseline).
@@ -49,7 +49,7 @@ Design decisions:
 
 Example:
     >>> import numpy as np
-    >>> from repquant_jax import calibration
+    >>> from repquant_jax._src import calibration
     >>> x = np.random.default_rng(0).standard_t(3, size=(256, 8)).astype(np.float32)
     >>> qp = calibration.search_uniform(x, bits=4, axis=-1)
     >>> qp.scale.shape, qp.kind, qp.axis
@@ -66,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax import quantizers
-from repquant_jax.quantizers import QuantParams
+from repquant_jax._src import quantizers
+from repquant_jax._src.quantizers import QuantParams
 
 __all__ = [
     "DEFAULT_PERCENTILES",
@@ -395,7 +395,7 @@ def search_uniform(
     For each ``p``: ``hi = quantile(x, p)``, ``lo = quantile(x, 1-p)``,
     ``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)`` (symmetric:
     ``s = max(|lo|, |hi|)/(2^(b-1) - 1)``, ``z = 0``); the candidate with the
-    lowest mean squared error of :func:`~repquant_jax.quantizers.fake_quant`
+    lowest mean squared error of :func:`~repquant_jax._src.quantizers.fake_quant`
     wins, independently for each channel when ``axis`` is given (vectorized:
     a ``(P, C)`` error table, argmin over ``P``).
 
@@ -475,7 +475,7 @@ def search_log_sqrt2(
 
 
 def quantization_mse(x, qp: QuantParams, axis: int | None = None) -> jax.Array:
-    """Mean squared error of :func:`~repquant_jax.quantizers.fake_quant`.
+    """Mean squared error of :func:`~repquant_jax._src.quantizers.fake_quant`.
 
     Traceable (no value checks), so it can be used inside ``jax.jit``.
 

@@ -1,9 +1,9 @@
-"""Saving and loading :class:`~repquant_jax.transform.QParams` as one safetensors file.
+"""Saving and loading :class:`~repquant_jax._src.transform.QParams` as one safetensors file.
 
 :func:`save` writes a quantized model (folded float params plus every quantizer
 and offset) to a single `safetensors <https://github.com/huggingface/safetensors>`_
 file; :func:`load` reads it back bit for bit. ``qapply`` is not stored: rebuild it
-with :func:`repquant_jax.transform` or keep the one you have (it only needs a
+with :func:`repquant_jax._src.transform` or keep the one you have (it only needs a
 ``QParams`` of the same structure).
 
 File layout (format version :data:`FORMAT_VERSION`):
@@ -67,7 +67,7 @@ deterministic: the same ``QParams`` and metadata give the same bytes.
 
 Example:
     >>> import repquant_jax as rq
-    >>> from repquant_jax import io as rqio
+    >>> from repquant_jax._src import io as rqio
     >>> # qparams, qapply = rq.transform(apply_fn, params, calib, config)
     >>> # rqio.save("vit_w4a4.safetensors", qparams, {"model": "deit-s", "top1": 76.1})
     >>> # qparams, meta = rqio.load("vit_w4a4.safetensors")
@@ -91,8 +91,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax import quantizers as qz
-from repquant_jax.transform import QParams
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.transform import QParams
 
 try:  # bfloat16 / float8 / int4 dtypes; jax depends on ml_dtypes, so it is there in practice.
     import ml_dtypes
@@ -141,7 +141,7 @@ def _safetensors():
         import safetensors.numpy
     except ImportError as e:  # pragma: no cover
         raise ImportError(
-            "repquant_jax.io needs the 'safetensors' package: pip install safetensors "
+            "repquant_jax._src.io needs the 'safetensors' package: pip install safetensors "
             "(or repquant-jax[models])"
         ) from e
     return safetensors
@@ -442,7 +442,7 @@ def save(path: str | os.PathLike, qparams: QParams, metadata: Mapping[str, Any] 
     Args:
         path: destination file (conventionally ``*.safetensors``). Its directory
             must exist; an existing file is replaced.
-        qparams: the quantized parameters from :func:`repquant_jax.transform`.
+        qparams: the quantized parameters from :func:`repquant_jax._src.transform`.
             ``params`` may be any pytree of arrays; custom nodes (e.g.
             ``nnx.State``) are fine but then :func:`load` needs ``params_like``.
         metadata: JSON-serializable mapping with ``str`` keys (None, bool, int,
@@ -453,7 +453,7 @@ def save(path: str | os.PathLike, qparams: QParams, metadata: Mapping[str, Any] 
             array (or a Python/numpy scalar).
 
     Example:
-        >>> # qparams, qapply = repquant_jax.transform(apply_fn, params, calib, config)
+        >>> # qparams, qapply = repquant_jax._src.transform(apply_fn, params, calib, config)
         >>> # save("model_w4a4.safetensors", qparams, {"w_bits": 4, "a_bits": 4})
     """
     if not isinstance(qparams, QParams):

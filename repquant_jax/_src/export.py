@@ -1,6 +1,6 @@
 """Integer export (DESIGN.md §3 "Int deployment"): integer weight storage and integer matmuls.
 
-``export(qparams, qapply, *example_inputs)`` turns the result of `repquant_jax.transform`
+``export(qparams, qapply, *example_inputs)`` turns the result of `repquant_jax._src.transform`
 into an `Exported` pytree that stores every quantized weight as integer codes, and
 ``integer_apply(exported, *inputs)`` evaluates the same graph as ``qapply`` computing the
 matmuls on those integers:
@@ -49,7 +49,7 @@ consumers still read the float values, exactly as in fake quant.
 Storage format of `Exported`:
 
 * ``weights[site]``: a `WeightCodes` with the ``[K, N]`` weight matrix of the site (as
-  `repquant_jax.fold.weight_matrix` lays it out: contracted axes first) as shifted codes:
+  `repquant_jax._src.fold.weight_matrix` lays it out: contracted axes first) as shifted codes:
   ``int8`` for 5..8 bits; for <= 4 bits two codes per ``int8`` byte (rows ``2i`` in the low
   nibble, ``2i + 1`` in the high nibble; ``int4="packed"``, the default) or ``jnp.int4``
   (``int4="native"``); ``int16`` above 8 bits. Per output column: ``scale`` (float32) and
@@ -69,7 +69,7 @@ shifts that fuse into the matmul's operand. ``int4="native"`` is for TPUs, where
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
   >>> import repquant_jax as repquant
-  >>> from repquant_jax import export as rqe
+  >>> from repquant_jax._src import export as rqe
   >>> model = nn.Sequential([nn.LayerNorm(), nn.Dense(16), nn.gelu, nn.Dense(4)])
   >>> x = jax.random.normal(jax.random.key(0), (8, 16))
   >>> params = model.init(jax.random.key(1), x)
@@ -93,12 +93,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from repquant_jax import quantizers as qz
-from repquant_jax.fold import weight_from_matrix, weight_matrix
-from repquant_jax.graph import LAYOUT_PRIMITIVES, Graph
-from repquant_jax.interpret import evaluate
-from repquant_jax.sites import Plan
-from repquant_jax.transform import QApply, QParams, affine_input, check_sites_exist
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.fold import weight_from_matrix, weight_matrix
+from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
+from repquant_jax._src.interpret import evaluate
+from repquant_jax._src.sites import Plan
+from repquant_jax._src.transform import QApply, QParams, affine_input, check_sites_exist
 
 __all__ = [
     "Dropped",
@@ -371,7 +371,7 @@ def export(
     """Exports a transformed model with integer weight storage.
 
     Args:
-      qparams: from `repquant_jax.transform`.
+      qparams: from `repquant_jax._src.transform`.
       qapply: the `QApply` returned with them.
       *example_inputs: positional inputs of one call (only shapes and dtypes are used,
         to trace the graph and find each weight's layout).
@@ -559,7 +559,7 @@ def _log_matmul(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Arra
 
 
 def _source(graph: Graph, producers: Mapping[int, int], vid: int) -> int:
-    """Walks back through single-input layout ops (as `repquant_jax.sites` does)."""
+    """Walks back through single-input layout ops (as `repquant_jax._src.sites` does)."""
     while vid in producers:
         node = graph.nodes[producers[vid]]
         if node.primitive not in LAYOUT_PRIMITIVES or len(node.inputs) != 1:

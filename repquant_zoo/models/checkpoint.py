@@ -13,7 +13,7 @@ Example:
     >>> reader.finish()
     Traceback (most recent call last):
     ...
-    repquant_jax.models.checkpoint.CheckpointError: checkpoint does not match the model: unexpected tensor 'junk' with shape (1,)
+    repquant_zoo.models.checkpoint.CheckpointError: checkpoint does not match the model: unexpected tensor 'junk' with shape (1,)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Numpy batches from any TFDS random-access data source.
 
 A *data source* is anything with ``len()`` and integer indexing that returns example dicts,
-as :func:`tensorflow_datasets.data_source` gives (for :mod:`repquant_jax.data.fashion_mnist`,
+as :func:`tensorflow_datasets.data_source` gives (for :mod:`repquant_zoo.data.fashion_mnist`,
 or a real TFDS dataset such as ``imagenet2012`` prepared in your own ``data_dir``). A plain
 list of dicts works too. Examples are fetched with the source's ``__getitems__`` when it has
 one (one read per batch), else one by one.
@@ -11,7 +11,7 @@ are stacked into the batch. Per example, so that sources with images of differen
 (ImageNet) can be resized/cropped to one shape. Without it the raw images are stacked.
 
 Example:
-    >>> from repquant_jax.data import fashion_mnist, batches
+    >>> from repquant_zoo.data import fashion_mnist, batches
     >>> train = fashion_mnist.load("train")  # doctest: +SKIP
     >>> calib = list(batches.calibration_batches(
     ...     train, num_samples=32, preprocess=batches.fashion_mnist_preprocess))  # doctest: +SKIP
@@ -113,7 +113,7 @@ def calibration_batches(
     The draw is ``numpy.random.default_rng(seed).choice(len(source), num_samples,
     replace=False)``: the same seed gives the same examples in the same order, another
     seed another draw. Labels are not yielded (calibration needs none); each item is one
-    array ``[batch, ...]``, the form ``repquant_jax.transform`` takes for a one-input
+    array ``[batch, ...]``, the form ``repquant_jax._src.transform`` takes for a one-input
     ``apply_fn``.
 
     Args:

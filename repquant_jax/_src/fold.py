@@ -17,7 +17,7 @@ offset* added to the norm output before quantization; a symmetric quantizer has
 ``b̃``. Both offsets live in the quantizer state (`QParams`), not in the model's params.
 
 Everything here edits flat NumPy copies of the parameter leaves, located through the
-index maps that `repquant_jax.sites` computed, so it works whatever reshapes the model
+index maps that `repquant_jax._src.sites` computed, so it works whatever reshapes the model
 applies to its parameters (DenseGeneral kernels, scan-stacked layers).
 """
 
@@ -28,8 +28,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax import quantizers as qz
-from repquant_jax.sites import FoldGroup, Plan, WeightSite
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.sites import FoldGroup, Plan, WeightSite
 
 __all__ = ["FoldResult", "fold_norm_into_dense", "weight_matrix", "weight_from_matrix"]
 

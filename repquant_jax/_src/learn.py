@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from repquant_jax import quantizers as qz
-from repquant_jax.config import DualClipping, QuantConfig, Reconstruction
-from repquant_jax.fold import weight_from_matrix, weight_matrix
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.config import DualClipping, QuantConfig, Reconstruction
+from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 
 __all__ = ["learn_dual_clipping", "reconstruct_weights"]
 
@@ -262,8 +262,8 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
     Returns:
       New `QParams` whose weights lie on their quantization grids.
     """
-    from repquant_jax.interpret import evaluate_batches
-    from repquant_jax.transform import params_with_weights, quant_hooks
+    from repquant_jax._src.interpret import evaluate_batches
+    from repquant_jax._src.transform import params_with_weights, quant_hooks
 
     rc = config.reconstruction
     sites = [

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repquant_jax.models.checkpoint import TensorReader, load_state_dict
-from repquant_jax.models.vit import Mlp  # the same fc1 -> exact GELU -> fc2 block
+from repquant_zoo.models.checkpoint import TensorReader, load_state_dict
+from repquant_zoo.models.vit import Mlp  # the same fc1 -> exact GELU -> fc2 block
 
 __all__ = [
     "BertConfig",

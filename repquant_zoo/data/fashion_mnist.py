@@ -17,7 +17,7 @@ Where the data lives: ``data_dir`` if given, else ``$REPQUANT_DATA_DIR``, else
 (a few seconds, with a progress message on stderr) and reused afterwards.
 
 Example:
-    >>> from repquant_jax.data import fashion_mnist
+    >>> from repquant_zoo.data import fashion_mnist
     >>> test = fashion_mnist.load("test")  # doctest: +SKIP
     >>> len(test), test[0]["image"].shape, int(test[0]["label"])  # doctest: +SKIP
     (10000, (28, 28, 1), 9)
@@ -38,7 +38,7 @@ try:
     import tensorflow_datasets as tfds
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "repquant_jax.data needs tensorflow-datasets (no TensorFlow required): "
+        "repquant_zoo.data needs tensorflow-datasets (no TensorFlow required): "
         "pip install 'repquant-jax[data]'"
     ) from e
 
@@ -238,7 +238,7 @@ def load(
     """Returns the split as a TFDS random-access data source (built on first use).
 
     Items are dicts ``{"image": uint8 [28, 28, 1], "label": int64}``; ``len()`` and
-    indexing work, and :mod:`repquant_jax.data.batches` turns it into batches. Any TFDS
+    indexing work, and :mod:`repquant_zoo.data.batches` turns it into batches. Any TFDS
     split string works (``"train[:1000]"``).
     """
     root = build(data_dir, idx_dir=idx_dir)

@@ -13,7 +13,7 @@ are any `QuantConfig` fields.
 Weights are per output channel in every preset (DESIGN.md §2.3).
 
 Example:
-  >>> from repquant_jax import presets
+  >>> from repquant_jax._src import presets
   >>> presets.repquant(w_bits=6, a_bits=6).reconstruction is not None
   True
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from repquant_jax.config import DualClipping, QuantConfig, Reconstruction
+from repquant_jax._src.config import DualClipping, QuantConfig, Reconstruction
 
 __all__ = ["minmax", "percentile", "repq_vit", "repquant"]
 

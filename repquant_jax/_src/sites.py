@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from repquant_jax.graph import LAYOUT_PRIMITIVES, Graph
+from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
 
 __all__ = [
     "WeightSite",
@@ -1034,7 +1034,7 @@ def analyze(graph: Graph) -> Plan:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from repquant_jax.graph import trace
+      >>> from repquant_jax._src.graph import trace
       >>> g = trace(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)))
       >>> analyze(g).summary()["weight_matmuls"]
       1

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from repquant_jax.graph import trace
-from repquant_jax.sites import Plan, analyze
+from repquant_jax._src.graph import trace
+from repquant_jax._src.sites import Plan, analyze
 
 __all__ = ["inspect"]
 

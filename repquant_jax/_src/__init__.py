@@ -1,0 +1,1 @@
+"""Private implementation of repquant-jax; the public API is `repquant_jax`."""
