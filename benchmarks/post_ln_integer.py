@@ -52,7 +52,7 @@ def main() -> None:
         config = getattr(repquant.presets, preset)(8, 8, unfoldable=unfoldable)
         qparams, qapply = repquant.transform(apply_fn, params, [inputs], config, verbose=False)
         exported = rqe.export(qparams, qapply, *inputs)
-        frozen = qapply.freeze(qparams, *inputs)
+        frozen = repquant.freeze(qapply, qparams, *inputs)
         integer = jax.jit(rqe.integer_apply)
         modes = collections.Counter(rqe.matmul_modes(exported, *inputs).values())
         ref, got = qapply(qparams, *inputs), integer(exported, *inputs)

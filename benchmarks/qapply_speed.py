@@ -68,7 +68,7 @@ def main() -> None:
     for name, apply_fn, params, inputs in models():
         qparams, qapply = repquant.transform(apply_fn, params, [inputs], repquant.presets.repq_vit(4, 4), verbose=False)
         forward = jax.jit(apply_fn)
-        frozen = qapply.freeze(qparams, *inputs)
+        frozen = repquant.freeze(qapply, qparams, *inputs)
         t_float, t_quant, t_frozen = (statistics.median(t) for t in interleaved_times(
             [lambda: forward(params, *inputs), lambda: qapply(qparams, *inputs), lambda: qapply(frozen, *inputs)],
             args.repeats,

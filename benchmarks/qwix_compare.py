@@ -17,7 +17,7 @@ Every row uses the SAME model (``experiments/checkpoints/vit_fashion_mnist``, lo
 * ``<preset> qapply``: ``repquant_jax._src.transform(apply_fn, variables, calib,
   presets.<preset>(8, 8))`` and the fake-quant ``qapply(qparams, x)`` (weights are
   re-quantized on every call; values stay float32). Presets: ``repq_vit`` and ``minmax``.
-* ``<preset> qapply frozen``: ``qapply`` on ``qapply.freeze(qparams, x)``: the weights baked
+* ``<preset> qapply frozen``: ``qapply`` on ``repquant.freeze(qapply, qparams, x)``: the weights baked
   onto their grids once (what qwix does with its weights), same outputs.
 * ``<preset> integer``: ``repquant_jax._src.export.export(qparams, qapply, x)`` +
   ``integer_apply(exported, x)``: weights stored as int8 codes; every W8A8 site (per-tensor
@@ -180,7 +180,7 @@ def main() -> None:
         add(f"{preset} qapply", build_qapply)
 
         def build_frozen(state=state):
-            frozen = state["qapply"].freeze(state["qparams"], x_time)
+            frozen = repquant.freeze(state["qapply"], state["qparams"], x_time)
             qapply = state["qapply"]
             return lambda x: qapply(frozen, x)
 

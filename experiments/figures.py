@@ -3,7 +3,7 @@
 Writes three PNGs into ``experiments/figures/`` (matplotlib, Agg backend):
 
 * ``ln_channel_ranges.png``: per-channel range (max - min over the calibration tokens) of
-  a LayerNorm output feeding q/k/v (block 0's ``norm1`` by default), before the §2.4 fold
+  a LayerNorm output feeding q/k/v (block 0's ``norm1`` by default), before the norm fold (docs/method.md, "Folding a norm")
   (original params) and after it (the folded params ``qparams.params`` of
   ``repquant_jax._src.transform(..., presets.repq_vit(b, b))``), for the shipped Fashion-MNIST
   ViT and its outlier stress variant (SYNTHETIC: ``diagnostics.inject_outliers``, as in

@@ -1,9 +1,9 @@
-"""ImageNet PTQ, the paper's setting (DESIGN.md §2.7), for users who have the data.
+"""ImageNet PTQ, the paper's setting (docs/reference_numbers.md), for users who have the data.
 
 Quantizes a ViT/DeiT checkpoint in timm's safetensors layout with each method of
 ``--methods`` (``repquant_jax._src.presets``) at each bit width of ``--bits`` (W = A), from
 ``--calib-samples`` random training images (seeded), and reports top-1 on the validation
-split next to float and the paper's numbers where DESIGN.md §2.7 has them.
+split next to float and the paper's numbers where docs/reference_numbers.md has them.
 
 Data: TFDS ``imagenet2012`` read through ``tfds.data_source`` (random access, no
 TensorFlow). It must be prepared in ``--data-dir`` in the ``array_record`` format, once:
@@ -68,7 +68,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 METHODS = tuple(repquant.presets.__all__)
-#: Paper top-1 (%) from DESIGN.md §2.7 by config name: {(method, bits): top-1}, bits 32 = float.
+#: Paper top-1 (%) (docs/reference_numbers.md) by config: {(method, bits): top-1}, bits 32 = float.
 PAPER_TOP1: dict[str, dict[tuple[str, int], float]] = {
     name: {("float", 32): f, ("repq_vit", 4): r4, ("repquant", 4): q4, ("repq_vit", 6): r6,
            ("repquant", 6): q6}
@@ -443,7 +443,7 @@ def describe(args: argparse.Namespace, name: str | None, config: vit.ViTConfig,
         f"Calibration: {args.calib_samples} random train images (seed {args.seed}){steps}. "
         f"Preprocessing: shorter side to {math.floor(config.image_size / args.crop_pct)} "
         f"(bicubic), center crop {config.image_size}, mean/std `{normalization}` "
-        f"{NORMALIZATIONS[normalization]}. Paper: DESIGN.md §2.7, as reported."
+        f"{NORMALIZATIONS[normalization]}. Paper: docs/reference_numbers.md, as reported."
     )
 
 

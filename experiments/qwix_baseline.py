@@ -58,8 +58,9 @@ qwix 0.1.8 problems met here, worked around, each recorded in ``notes``:
 * ``QtProvider`` names an einsum's operands after the ``dot_general`` that
   ``jnp.einsum`` emits, which swaps them for attn·V ``'bhqk,bkhd->bqhd'``: the stats of
   the attention probabilities land on V's scale and vice versa: a
-  ``ScopeParamShapeError`` with qwix's default ``act_batch_axes`` (the failure DESIGN.md
-  reports for Flax ``MultiHeadDotProductAttention``, whose attn·V einsum
+  ``ScopeParamShapeError`` with qwix's default ``act_batch_axes`` (the failure
+  docs/reference_numbers.md, "Peer library: qwix", records for Flax
+  ``MultiHeadDotProductAttention``, whose attn·V einsum
   ``'...hqk,...khd->...qhd'`` is swapped the same way), silent with per-tensor scales.
 * ``QtProvider``'s ``conv_general_qt`` updates ``quant_stats`` inside a ``custom_vjp``
   and leaks a tracer (``UnexpectedTracerError``).

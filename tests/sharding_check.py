@@ -89,7 +89,7 @@ def check(preset: str) -> dict:
     xs = jax.device_put(x, data)
     out = qapply(qparams, xs)
 
-    frozen = qapply.freeze(qparams, xs)
+    frozen = repquant.freeze(qapply, qparams, xs)
 
     def kept(tree) -> bool:
         same = jax.tree_util.tree_map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), tree, shardings)

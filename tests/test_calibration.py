@@ -1,4 +1,4 @@
-"""Tests for repquant_jax._src.calibration (DESIGN §2.2)."""
+"""Tests for repquant_jax._src.calibration (docs/method.md, "Calibration (the RepQ-ViT rule)")."""
 
 from __future__ import annotations
 

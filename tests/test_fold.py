@@ -9,7 +9,7 @@ import zoo
 import conftest
 import repquant_jax as repquant
 from repquant_jax._src import quantizers as qz
-from repquant_jax._src.transform import QParams
+from repquant_jax._src.state import QParams
 
 P = conftest.zoo_presets
 FLOAT_WEIGHTS = (repquant.Rule(pattern=".", target="weight", skip=True),)
@@ -98,9 +98,10 @@ def _point_values(graph, plan, qparams, inputs, names):
     """The values at activation points of the folded float model (offsets and input
     scales on, quantizers off), before the affine in front of their quantizer."""
     from repquant_jax._src.interpret import evaluate
-    from repquant_jax._src.transform import quant_hooks
+    from repquant_jax._src.hooks import quant_hooks
 
-    hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
+    hooks = quant_hooks(graph, plan, qparams, quantize=False)
+    values = dict(hooks.values)
     seen = {}
 
     def recorder(name, hook):
@@ -112,8 +113,8 @@ def _point_values(graph, plan, qparams, inputs, names):
 
     for n in names:
         vid = plan.point(n).value_id
-        hooks[vid] = recorder(n, hooks.get(vid))
-    evaluate(graph, qparams.params, inputs, hooks, rewrites)
+        values[vid] = recorder(n, values.get(vid))
+    evaluate(graph, qparams.params, inputs, hooks.replace(values=values))
     return seen
 
 

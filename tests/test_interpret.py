@@ -7,7 +7,7 @@ import numpy as np
 import zoo
 
 from repquant_jax._src.graph import trace
-from repquant_jax._src.interpret import evaluate, evaluate_batches
+from repquant_jax._src.interpret import Hooks, evaluate, evaluate_batches
 from repquant_jax._src.sites import analyze
 
 
@@ -28,7 +28,7 @@ def test_hook_changes_only_what_matmuls_read():
     graph = trace(lambda p, x: model.apply(p, x), variables, x)
     plan = analyze(graph)
     point = plan.point("fc:input")
-    out = evaluate(graph, variables, (x,), {point.value_id: lambda vs: [v * 2.0 for v in vs]})
+    out = evaluate(graph, variables, (x,), Hooks(values={point.value_id: lambda vs: [v * 2.0 for v in vs]}))
     h = nn.LayerNorm().apply({"params": variables["params"]["ln"]}, x)
     fc = variables["params"]["fc"]
     want = (2.0 * h) @ fc["kernel"] + fc["bias"] + h
@@ -46,7 +46,7 @@ def test_weight_hook_sees_the_kernel_once():
         return [jnp.zeros_like(v) for v in values]
 
     outs = evaluate_batches(
-        graph, jax.tree_util.tree_leaves(variables), [[x], [x + 1.0]], {site.weight_id: zero_kernel}
+        graph, jax.tree_util.tree_leaves(variables), [[x], [x + 1.0]], Hooks(values={site.weight_id: zero_kernel})
     )
     assert calls == [1]  # input-independent values are computed and hooked once
     h = nn.LayerNorm().apply({"params": variables["params"]["ln"]}, x + 1.0)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import repquant_jax as rq
 from repquant_jax._src import io as rqio
 from repquant_jax._src import quantizers as qz
-from repquant_jax._src.transform import QParams
+from repquant_jax._src.state import QParams
 
 import zoo
 

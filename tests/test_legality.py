@@ -76,14 +76,14 @@ def test_derived_weights_are_quantized_as_weights_per_output_channel():
     q, qa = _transform(m, repquant.presets.repq_vit(4, 8, min_rows_per_channel=1))
     for w in plan.weights:
         assert q.weights[w.name].bits == 4 and q.weights[w.name].axis == 1
-    frozen = qa.freeze(q, *m.inputs)  # derived weights keep their quantizers
+    frozen = repquant.freeze(qa, q, *m.inputs)  # derived weights keep their quantizers
     assert set(frozen.weights) == set(q.weights)
 
 
 def test_freeze_keeps_the_quantizer_of_a_kernel_read_outside_matmuls():
     m = zoo.tied_lm_head()
     q, qa = _transform(m, repquant.presets.repq_vit(4, 4, min_rows_per_channel=1))
-    frozen = qa.freeze(q, *m.inputs)
+    frozen = repquant.freeze(qa, q, *m.inputs)
     assert set(frozen.weights) == {"wte"}  # the table the lookup reads stays float
     np.testing.assert_array_equal(np.asarray(frozen.params["wte"]), np.asarray(q.params["wte"]))
     np.testing.assert_allclose(np.asarray(qa(frozen, *m.inputs)), np.asarray(qa(q, *m.inputs)), rtol=1e-6, atol=1e-6)

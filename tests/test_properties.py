@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import conftest
 import repquant_jax as repquant
 from repquant_jax._src import quantizers as qz
-from repquant_jax._src.transform import QParams
+from repquant_jax._src.state import QParams
 
 P = conftest.zoo_presets
 SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])

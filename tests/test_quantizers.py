@@ -1,4 +1,4 @@
-"""Tests for repquant_jax._src.quantizers (DESIGN §2.1, §2.5)."""
+"""Tests for repquant_jax._src.quantizers (docs/method.md, "Quantizers" and "Softmax")."""
 
 from __future__ import annotations
 

@@ -252,7 +252,7 @@ def test_qapply_under_jit_and_without_jit_agree(vit_block):
 def test_frozen_weights_give_identical_outputs(vit_block):
     m = vit_block
     q, qa = repquant.transform(m.apply_fn, m.params, _calib(m), P.repq_vit(4, 4), verbose=False)
-    frozen = qa.freeze(q, *m.inputs)
+    frozen = repquant.freeze(qa, q, *m.inputs)
     assert not frozen.weights and q.weights
     np.testing.assert_array_equal(np.asarray(qa(frozen, *m.inputs)), np.asarray(qa(q, *m.inputs)))
 

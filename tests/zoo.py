@@ -24,7 +24,7 @@ Every builder is ``name(seed=0, batch=2, seq=5) -> ZooModel``:
       weight) that feed at least one weight matmul.
   ``foldable``
       how many of those feed ONLY weight matmuls that contract over the channel
-      axis (the precondition of DESIGN §2.4).
+      axis (the precondition in docs/method.md, "Folding a norm into the matmuls after it").
   ``foldable_names``
       documentation only: ``"norm->consumer,consumer"`` per foldable group.
 

@@ -1,4 +1,4 @@
-"""Range estimation: fit a quantizer to observed values (DESIGN §2.2).
+"""Range estimation: fit a quantizer to observed values (docs/method.md, "Calibration").
 
 Every rule takes observed values (a ``jax.Array`` or a NumPy array) and returns
 a :class:`~repquant_jax._src.quantizers.QuantParams`:
@@ -68,6 +68,7 @@ import numpy as np
 
 from repquant_jax._src import quantizers
 from repquant_jax._src.quantizers import QuantParams
+from repquant_jax._src.types import code_range
 
 __all__ = [
     "DEFAULT_PERCENTILES",
@@ -79,7 +80,7 @@ __all__ = [
     "search_uniform",
 ]
 
-#: The RepQ-ViT candidate percentiles (DESIGN §2.2).
+#: The RepQ-ViT candidate percentiles (docs/method.md, "Calibration").
 DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 #: Smallest range a uniform quantizer is fitted to (see the module docstring).
 MIN_RANGE = 1e-8
@@ -267,9 +268,7 @@ def _range_params(lo, hi, bits: int, symmetric: bool):
 
 
 def _code_limits(bits: int, symmetric: bool) -> tuple[int, int]:
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return code_range("symmetric" if symmetric else "uniform", bits)
 
 
 def _finish(scale, zero_point, bits: int, axis: int | None, symmetric: bool) -> QuantParams:

@@ -2,7 +2,8 @@
 
 A `QuantConfig` says how every site is quantized; `Rule`s override it for the sites
 whose name matches a regular expression (first match wins, like qwix). The presets in
-`repquant_jax._src.presets` build the configs of the methods compared in DESIGN.md §2.7.
+`repquant_jax._src.presets` build the configs of the methods compared in
+docs/method.md, "The compared methods (presets)".
 
 Example:
   >>> import repquant_jax as repquant
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Literal
+
+from repquant_jax._src.types import QUANTIZER_KINDS, CalibrationMethod, Granularity, QuantizerKind, Target
 
 __all__ = ["Rule", "DualClipping", "Reconstruction", "QuantConfig", "SiteSpec"]
 
 _CALIBRATIONS = ("minmax", "percentile", "search")
-_ACT_KINDS = ("uniform", "symmetric", "log2", "log_sqrt2")
 
 
 def _check_bits(name: str, bits: int | None) -> None:
@@ -42,15 +45,17 @@ class Rule:
         `repquant_jax._src.inspect` (``"Block_3/attn/query"``, ``"fc1:input"``).
       target: ``"weight"``, ``"activation"`` or ``"any"``: which sites the rule is for.
       bits: bit-width for the matched sites.
-      kind: activation quantizer kind (``"uniform"``, ``"symmetric"``, ``"log2"``,
-        ``"log_sqrt2"``).
+      kind: quantizer kind for the matched sites: ``"uniform"`` or ``"symmetric"``
+        for weights and activations; ``"log2"`` or ``"log_sqrt2"`` for activations in
+        [0, 1] only (softmax outputs): a rule giving a log kind to a weight site is
+        refused.
       skip: leave the matched sites in float.
     """
 
     pattern: str
-    target: str = "any"
+    target: Literal["weight", "activation", "any"] = "any"
     bits: int | None = None
-    kind: str | None = None
+    kind: QuantizerKind | None = None
     skip: bool = False
 
     def __post_init__(self):
@@ -61,7 +66,7 @@ class Rule:
         _check_choice("Rule.target", self.target, ("weight", "activation", "any"))
         _check_bits("Rule.bits", self.bits)
         if self.kind is not None:
-            _check_choice("Rule.kind", self.kind, _ACT_KINDS)
+            _check_choice("Rule.kind", self.kind, QUANTIZER_KINDS)
 
     def matches(self, name: str, target: str) -> bool:
         return self.target in ("any", target) and re.search(self.pattern, name) is not None
@@ -69,7 +74,7 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DualClipping:
-    """Learnable per-channel lower/upper clipping of norm outputs (DESIGN.md §2.6).
+    """Learnable per-channel lower/upper clipping of norm outputs (docs/method.md, "Dual clipping").
 
     Attributes:
       steps: Adam steps per fold group.
@@ -85,7 +90,7 @@ class DualClipping:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Reconstruction:
-    """Weight rounding reconstruction after the fold (AdaRound-style, DESIGN.md §2.6).
+    """Weight rounding reconstruction after the fold (AdaRound-style, docs/method.md).
 
     Each weight matmul, in forward order, learns whether to round every weight up or
     down so that its output on the quantized model's inputs matches the float model's.
@@ -129,12 +134,13 @@ class QuantConfig:
       w_bits: weight bit-width (per output channel, asymmetric uniform).
       a_bits: activation bit-width for matmul inputs.
       input_bits: bit-width for matmul inputs that are the function's own inputs
-        (the patch-embedding input, DESIGN.md §2.3).
-      weight_calibration: ``"minmax"``, ``"percentile"`` or ``"search"`` (§2.2).
+        (the patch-embedding input; docs/method.md, "What gets quantized").
+      weight_calibration: ``"minmax"``, ``"percentile"`` or ``"search"``
+        (docs/method.md, "Calibration").
       activation_calibration: same choices, for activations.
       weight_granularity: ``"per_channel"`` (per output channel) or ``"per_tensor"``.
       norm_quantizer: ``"per_tensor"``, or ``"per_channel"`` for norm outputs during
-        calibration, folded into per-tensor by the §2.4 reparameterization.
+        calibration, folded into per-tensor by the norm fold (docs/method.md).
       unfoldable: what to do with a per-channel norm quantizer whose group cannot be
         folded because the norm output also feeds something else (the residual of a
         post-LN BERT block): ``"branch"`` folds the kernel half only (the matmul
@@ -142,7 +148,7 @@ class QuantConfig:
         codes; docs/method.md), falling back to one per-tensor quantizer where even
         that is illegal; ``"per_tensor"``; ``"per_channel"`` (keep it, no integer
         path); or ``"error"``.
-      fold_norms: fold per-channel norm quantizers into per-tensor ones (§2.4). False
+      fold_norms: fold per-channel norm quantizers into per-tensor ones (the norm fold). False
         keeps them per channel: the calibration-time model, for comparisons.
       min_rows_per_channel: a per-channel norm quantizer needs at least this many
         calibration rows (tokens) per channel, else it is quantized per tensor
@@ -217,13 +223,28 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SiteSpec:
-    """The resolved settings of one site (after rules)."""
+    """The resolved settings of one site (after rules).
+
+    Attributes:
+      name: the site's name.
+      target: weight or activation.
+      bits: bit-width.
+      kind: quantizer kind.
+      granularity: one scale, or one per channel (the last axis; weights: per output
+        channel).
+      calibration: the range estimator.
+      skip: left in float by a rule.
+      rule: index of the rule that matched, if any.
+      note: why the settings differ from the config's (e.g. per tensor for a norm
+        group that cannot be folded), for the report.
+    """
 
     name: str
-    target: str  # "weight" or "activation"
+    target: Target
     bits: int
-    kind: str  # quantizer kind
-    granularity: str  # "per_tensor" or "per_channel"
-    calibration: str
+    kind: QuantizerKind
+    granularity: Granularity
+    calibration: CalibrationMethod
     skip: bool = False
-    rule: int | None = None  # index of the rule that matched
+    rule: int | None = None
+    note: str = ""

@@ -2,11 +2,12 @@
 
 `channel_range_profile` measures how uneven the channels of every norm output feeding a
 matmul are (max over channels of the channel's range, divided by the median): about 30
-for DeiT-S's LayerNorms, 2-3 for small models trained briefly (DESIGN.md §4).
+for DeiT-S's LayerNorms, 2-3 for small models trained briefly
+(docs/method.md, "LayerNorm-output outliers").
 
 `inject_outliers` builds a *stress variant* of a model: it multiplies a few channels of a
 norm's scale (and bias) by ``factor`` and divides the matching input rows of every
-following matmul by it. This is the §2.4 fold run backwards, so the float function is
+following matmul by it. This is the fold (docs/method.md) run backwards, so the float function is
 unchanged while the norm output gets DeiT-like outlier channels. Results on such a model
 are synthetic and must be labelled so.
 """
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repquant_jax._src.graph import trace
-from repquant_jax._src.interpret import evaluate
+from repquant_jax._src.interpret import Hooks, evaluate
 from repquant_jax._src.sites import analyze
 
 __all__ = ["channel_range_profile", "channel_ranges", "inject_outliers", "point_values"]
@@ -62,7 +63,7 @@ def _observe(graph, plan, params, inputs, names: Sequence[str]) -> dict[str, np.
 
         return hook
 
-    evaluate(graph, params, tuple(inputs), {plan.point(name).value_id: observer(name) for name in names})
+    evaluate(graph, params, tuple(inputs), Hooks(values={plan.point(name).value_id: observer(name) for name in names}))
     return {name: seen[name] for name in names if name in seen}
 
 

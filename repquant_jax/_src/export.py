@@ -1,4 +1,4 @@
-"""Integer export (DESIGN.md §3 "Int deployment"): integer weight storage and integer matmuls.
+"""Integer export (docs/method.md, "Integer deployment"): integer weight storage and matmuls.
 
 ``export(qparams, qapply, *example_inputs)`` turns the result of `repquant_jax._src.transform`
 into an `Exported` pytree that stores every quantized weight as integer codes, and
@@ -19,7 +19,7 @@ matmuls on those integers:
   ``int32`` (intermediate wrap-around cancels in two's complement): guaranteed for
   ``K <= 33000`` contracted elements when zero points lie in the code range
   (``|q - z| <= 255``), and in practice far beyond.
-* **attn·V with a log√2 (or log2) attention operand** (DESIGN.md §2.5): with
+* **attn·V with a log√2 (or log2) attention operand** (docs/method.md, "Softmax"): with
   ``e = ceil(q/2)`` and the code's parity, ``attn·V = s·s_v·(Σ_j (V' - z'_v)_j·2^(-e_ij)
   + (√2 - 1)·Σ_{j: q_ij odd} (V' - z'_v)_j·2^(-e_ij))``: two shift-and-add accumulators
   over V's integer codes (V itself is unchanged). The shifts are realised as ``int8``
@@ -96,9 +96,12 @@ from flax import struct
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
-from repquant_jax._src.interpret import evaluate
+from repquant_jax._src.interpret import Hooks, evaluate
 from repquant_jax._src.sites import Plan
-from repquant_jax._src.transform import QApply, QParams, affine_input, check_sites_exist
+from repquant_jax._src.hooks import affine_input, check_sites_exist, quant_hooks
+from repquant_jax._src.qapply import QApply
+from repquant_jax._src.state import QParams
+from repquant_jax._src.types import LOG_KINDS, MATMUL_PRIMITIVES, log_zero_code
 
 __all__ = [
     "Dropped",
@@ -112,9 +115,7 @@ __all__ = [
     "bytes_report",
 ]
 
-_MATMULS = ("dot_general", "conv_general_dilated")
 _UNIFORM = ("uniform", "symmetric")
-_LOG = ("log2", "log_sqrt2")
 #: Exponents per window of the integer log2 attn·V path: 2^(0..6) fit int8.
 _WINDOW = 7
 _SQRT2_M1 = math.sqrt(2.0) - 1.0
@@ -459,12 +460,12 @@ def _emits_codes(qp: qz.QuantParams, integer: bool) -> bool:
     """Whether a point hands integer codes to its matmuls (per tensor, <= 8 bits)."""
     if qp.axis is not None or qp.bits > 8:
         return False
-    return qp.kind in _LOG or (qp.kind in _UNIFORM and integer)
+    return qp.kind in LOG_KINDS or (qp.kind in _UNIFORM and integer)
 
 
 def _to_codes(x: jax.Array, qp: qz.QuantParams) -> jax.Array:
     codes = qz.quantize(x, qp) - _code_offset(qp)
-    return codes.astype(jnp.uint8 if qp.kind in _LOG else jnp.int8)
+    return codes.astype(jnp.uint8 if qp.kind in LOG_KINDS else jnp.int8)
 
 
 def _from_codes(codes: jax.Array, qp: qz.QuantParams, dtype: Any) -> jax.Array:
@@ -516,7 +517,7 @@ def _int8_matmul(ops, zeros, scales, dn) -> jax.Array:
 
 
 def _log_matmul(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Array:
-    """attn·V from log√2/log2 codes and int8 V codes (DESIGN.md §2.5).
+    """attn·V from log√2/log2 codes and int8 V codes (docs/method.md, "Softmax").
 
     Every (accumulator, exponent window) pair is one slice of a stacked ``int8`` operand
     ``P[g] = 2^(top_w - e)`` (inside window ``w``, else 0), so all of them run as a single
@@ -526,7 +527,7 @@ def _log_matmul(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Arra
     """
     a = log_codes.astype(jnp.int32)
     bits = log_qp.bits
-    nonzero = a != 2**bits - 1
+    nonzero = a != log_zero_code(bits)
     if log_qp.kind == "log_sqrt2":
         e, odd = qz.log_sqrt2_to_log2_terms(a)
         masks, weights = [nonzero, odd & nonzero], [1.0, _SQRT2_M1]
@@ -577,39 +578,34 @@ def matmul_modes(exported: Exported, *inputs: Any) -> dict[str, str]:
     """
     params = _materialize(exported.params)
     graph, plan = exported.qapply.analysis(params, inputs)
-    _, _, _, modes = _integer_program(graph, plan, exported)
+    _, modes = _integer_program(graph, plan, exported)
     return modes
 
 
-def _integer_program(graph: Graph, plan: Plan, exported: Exported):
-    """Hooks, rewrites and matmul functions for `evaluate`, and the mode of each site."""
+def _integer_program(graph: Graph, plan: Plan, exported: Exported) -> tuple[Hooks, dict[str, str]]:
+    """The fake-quant hooks of ``qapply`` with integer codes at the points that emit
+    them and integer matmul functions, and the mode of each site."""
     check_sites_exist(plan, exported.weights, exported.activations, "the export")
+    float_weights = QParams(
+        params=None,
+        weights={},
+        activations=exported.activations,
+        input_offsets=exported.input_offsets,
+        output_offsets=exported.output_offsets,
+        input_scales=exported.input_scales,
+    )
+    base = quant_hooks(graph, plan, float_weights)
     integer_points = set(exported.integer_points)
-    hooks: dict[int, Callable] = {}
-    rewrites: dict[int, Callable] = {}
+    values = dict(base.values)
     code_points: dict[int, qz.QuantParams] = {}
     for p in plan.points:
         qp = exported.activations.get(p.name)
-        scale, off = exported.input_scales.get(p.name), exported.input_offsets.get(p.name)
-        if qp is None and off is None and scale is None:
-            continue
-        codes = qp is not None and _emits_codes(qp, p.name in integer_points)
-        if codes:
+        if qp is not None and _emits_codes(qp, p.name in integer_points):
             code_points[p.value_id] = qp
-
-        def point_hook(values, qp=qp, scale=scale, off=off, codes=codes):
-            values = [affine_input(v, scale, off) for v in values]
-            if qp is None:
-                return values
-            if codes:
-                return [_to_codes(v, qp) for v in values]
-            return [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
-
-        hooks[p.value_id] = point_hook
-    for w in plan.weights:
-        if w.name in exported.output_offsets:
-            off = exported.output_offsets[w.name]
-            rewrites[graph.nodes[w.node].outputs[0]] = lambda vs, off=off: [v + off.astype(v.dtype) for v in vs]
+            scale, off = exported.input_scales.get(p.name), exported.input_offsets.get(p.name)
+            values[p.value_id] = lambda vs, qp=qp, scale=scale, off=off: [
+                _to_codes(affine_input(v, scale, off), qp) for v in vs
+            ]
 
     producers = graph.producers()
     site_of = {w.node: w for w in plan.weights}
@@ -617,7 +613,7 @@ def _integer_program(graph: Graph, plan: Plan, exported: Exported):
     fns: dict[int, Callable] = {}
     modes: dict[str, str] = {}
     for index, node in enumerate(graph.nodes):
-        if node.primitive not in _MATMULS:
+        if node.primitive not in MATMUL_PRIMITIVES:
             continue
         operands = []
         for vid in node.inputs[:2]:
@@ -634,7 +630,7 @@ def _integer_program(graph: Graph, plan: Plan, exported: Exported):
             modes[site.name] = mode
         elif index in name_of:
             modes[name_of[index]] = mode
-    return hooks, rewrites, fns, modes
+    return Hooks(values=values, rewrites=base.rewrites, matmul_fns=fns), modes
 
 
 def _is_int8_point(op: _Operand) -> bool:
@@ -691,7 +687,7 @@ def _matmul_fn(node, operands, dtypes, out_dtype, site, codes: WeightCodes | Non
         return int8_act, "int8"
     for log_side in (0, 1):
         lg, v = operands[log_side], operands[1 - log_side]
-        if is_dot and lg.codes and lg.qp.kind in _LOG and _is_int8_point(v):
+        if is_dot and lg.codes and lg.qp.kind in LOG_KINDS and _is_int8_point(v):
 
             def log_act(ops, log_side=log_side, lg=lg, v=v):
                 out = _log_matmul(ops[log_side], lg.qp, ops[1 - log_side], v.qp, log_side, dn)
@@ -715,8 +711,8 @@ def _materialize(params: Any) -> Any:
 def _integer_apply(exported: Exported, *inputs: Any) -> Any:
     params = _materialize(exported.params)
     graph, plan = exported.qapply.analysis(params, inputs)
-    hooks, rewrites, fns, _ = _integer_program(graph, plan, exported)
-    return evaluate(graph, params, inputs, hooks, rewrites, matmul_fns=fns)
+    hooks, _ = _integer_program(graph, plan, exported)
+    return evaluate(graph, params, inputs, hooks)
 
 
 _integer_apply_jit = jax.jit(_integer_apply)

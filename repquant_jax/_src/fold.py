@@ -1,4 +1,4 @@
-"""Scale reparameterization (DESIGN.md §2.4): per-channel norm quantizers → per-tensor.
+"""Scale reparameterization (docs/method.md, "Folding a norm"): per-channel norm quantizers → per-tensor.
 
 A norm output ``x = γ⊙x_n + β`` feeding ``y = x @ W + b`` is quantized per channel with
 scales ``s`` and zero points ``z`` during calibration. With ``s̃ = mean(s)``,

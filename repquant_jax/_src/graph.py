@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from repquant_jax._src.types import MATMUL_PRIMITIVES
+
 __all__ = ["Node", "Graph", "UnsupportedGraphError", "trace", "path_to_str", "LAYOUT_PRIMITIVES"]
 
 #: Primitives that only move data around: a value derived from a parameter through these
@@ -48,8 +50,6 @@ LAYOUT_PRIMITIVES = frozenset(
         "scan_slice",  # synthetic: one iteration's slice of a scanned-over array
     }
 )
-
-_MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
 # Call-like primitives and the parameter that holds their body.
 _INLINE_PARAM = {
@@ -215,7 +215,7 @@ def _join(prefix: str, name: str) -> str:
 
 def _contains_matmul(jaxpr: Any) -> bool:
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _MATMUL_PRIMITIVES:
+        if eqn.primitive.name in MATMUL_PRIMITIVES:
             return True
         for sub in jex_core.jaxprs_in_params(eqn.params):
             if _contains_matmul(sub):

@@ -4,7 +4,7 @@ A hook replaces the value that *matmuls* see, and only them: it is applied where
 value is produced, the result travels through layout-only operations (reshape,
 transpose, ...) to the matmul operands that read it, and every other consumer (a residual
 add, a LayerNorm) keeps reading the float value. That is exactly the fake-quant semantics
-of DESIGN.md §2.3: only matmul inputs are quantized.
+of docs/method.md, "What gets quantized": only matmul inputs are quantized.
 
 `evaluate` runs one call and is what `qapply` wraps in `jax.jit`. `evaluate_batches`
 runs several calibration batches side by side, node by node, so that a hook sees the
@@ -15,52 +15,79 @@ with every upstream hook already active). Values that do not depend on the input
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
+from repquant_jax._src.types import MATMUL_PRIMITIVES, NodeId, ValueId
 
-__all__ = ["Hook", "MatmulFn", "evaluate", "evaluate_batches"]
+__all__ = ["Hook", "OperandHook", "MatmulFn", "Hooks", "evaluate", "evaluate_batches"]
 
 #: ``hook(values) -> values``: one value per batch in, one replacement per batch out.
 Hook = Callable[[list[Any]], list[Any]]
+#: ``hook(operands) -> operands``: a matmul's operands, one list per batch, in and out.
+OperandHook = Callable[[list[list[Any]]], list[list[Any]]]
 #: ``fn(operands) -> value``: computes a single-output node from its operands.
 MatmulFn = Callable[[list[Any]], Any]
 
 
-def evaluate(
-    graph: Graph,
-    params: Any,
-    inputs: Sequence[Any],
-    hooks: Mapping[int, Hook] | None = None,
-    rewrites: Mapping[int, Hook] | None = None,
-    matmul_fns: Mapping[int, MatmulFn] | None = None,
-    matmul_hooks: Mapping[int, Callable[[list[list[Any]]], list[list[Any]]]] | None = None,
-) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Everything the interpreter changes in a graph's evaluation.
+
+    Values and nodes have distinct id types (`ValueId`, `NodeId`); `evaluate_batches`
+    refuses an id the graph does not have, or a node hook on a node that is no matmul.
+
+    Attributes:
+      values: value id -> hook on what *matmuls* read of that value (fake-quant of an
+        activation); every other consumer keeps the float value.
+      rewrites: value id -> hook whose result replaces the value for *every* consumer
+        (the output offsets of a fold into a matmul without a bias).
+      operands: matmul node -> hook on its operands as it reads them (weight
+        quantizers, recorders of reconstruction inputs).
+      matmul_fns: matmul node -> function computing it in place of its primitive, from
+        the operands after ``operands`` (integer matmuls of the export).
+    """
+
+    values: Mapping[ValueId, Hook] = dataclasses.field(default_factory=dict)
+    rewrites: Mapping[ValueId, Hook] = dataclasses.field(default_factory=dict)
+    operands: Mapping[NodeId, OperandHook] = dataclasses.field(default_factory=dict)
+    matmul_fns: Mapping[NodeId, MatmulFn] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Hooks:
+        """A copy with some fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+    def check(self, graph: Graph) -> None:
+        """Raises ValueError if a hook names a value or node ``graph`` does not have."""
+        for field in ("values", "rewrites"):
+            unknown = [v for v in getattr(self, field) if v not in graph.avals]
+            if unknown:
+                raise ValueError(f"Hooks.{field} names values the graph does not have: {unknown[:5]}")
+        for field in ("operands", "matmul_fns"):
+            for n in getattr(self, field):
+                if not (0 <= n < len(graph.nodes)) or graph.nodes[n].primitive not in MATMUL_PRIMITIVES:
+                    raise ValueError(f"Hooks.{field} names node {n}, which is not a matmul of the graph")
+
+
+def evaluate(graph: Graph, params: Any, inputs: Sequence[Any], hooks: Hooks | None = None) -> Any:
     """Evaluates the graph on one call's inputs.
 
     Args:
       graph: from `repquant_jax._src.graph.trace`.
       params: the parameter pytree (same structure as traced).
       inputs: the positional inputs (same structure as traced).
-      hooks: value id -> hook; see the module docstring.
-      rewrites: value id -> hook replacing the value for *every* consumer (used for the
-        output offsets of a fold into a matmul without a bias).
-      matmul_fns: node index -> function computing that matmul node; see
-        `evaluate_batches`.
-      matmul_hooks: node index -> hook on that matmul's operands; see
-        `evaluate_batches`.
+      hooks: see `Hooks` and the module docstring.
 
     Returns:
       The output pytree, as ``apply_fn`` returns it.
     """
     param_leaves = jax.tree_util.tree_leaves(params)
     input_leaves = jax.tree_util.tree_leaves(tuple(inputs))
-    (out,) = evaluate_batches(
-        graph, param_leaves, [input_leaves], hooks, rewrites, matmul_hooks=matmul_hooks, matmul_fns=matmul_fns
-    )
+    (out,) = evaluate_batches(graph, param_leaves, [input_leaves], hooks)
     return out
 
 
@@ -68,10 +95,7 @@ def evaluate_batches(
     graph: Graph,
     param_leaves: Sequence[Any],
     batches: Sequence[Sequence[Any]],
-    hooks: Mapping[int, Hook] | None = None,
-    rewrites: Mapping[int, Hook] | None = None,
-    matmul_hooks: Mapping[int, Callable[[list[list[Any]]], list[list[Any]]]] | None = None,
-    matmul_fns: Mapping[int, MatmulFn] | None = None,
+    hooks: Hooks | None = None,
 ) -> list[Any]:
     """Evaluates the graph on several batches at once, node by node.
 
@@ -79,23 +103,18 @@ def evaluate_batches(
       graph: from `repquant_jax._src.graph.trace`.
       param_leaves: flattened parameter leaves.
       batches: for each batch, its flattened input leaves.
-      hooks: value id -> hook, called once per hooked value with the list of that
-        value over all batches (a single element for input-independent values).
-      rewrites: value id -> hook whose result replaces the value for every consumer.
-      matmul_hooks: node index -> hook called with the operands of that matmul, as it
-        reads them (one list of operands per batch), returning the operands to use.
-      matmul_fns: node index -> ``fn(operands) -> value`` computing that (matmul) node
-        in place of its primitive, once per batch, from the operands as matmuls read
-        them (hooked values, after ``matmul_hooks``). Used by `repquant_jax._src.export` for
-        integer matmuls. Default None: every node runs its own primitive.
+      hooks: see `Hooks`. A value hook is called once per hooked value with the list of
+        that value over all batches (a single element for input-independent values); an
+        operand hook once per matmul with one list of operands per batch; a matmul
+        function once per batch.
 
     Returns:
       One output pytree per batch.
     """
-    hooks = dict(hooks or {})
-    rewrites = dict(rewrites or {})
-    matmul_hooks = dict(matmul_hooks or {})
-    matmul_fns = dict(matmul_fns or {})
+    hooks = hooks or Hooks()
+    hooks.check(graph)
+    rewrites, matmul_hooks, matmul_fns = hooks.rewrites, hooks.operands, hooks.matmul_fns
+    value_hooks = hooks.values
     if len(param_leaves) != len(graph.param_ids):
         raise ValueError(
             f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}"
@@ -116,8 +135,8 @@ def evaluate_batches(
             shared[vid] = values[0]
         else:
             per_batch[vid] = values
-        if vid in hooks:
-            replaced = hooks[vid](values)
+        if vid in value_hooks:
+            replaced = value_hooks[vid](values)
             if is_shared:
                 shadow_shared[vid] = replaced[0]
             else:
@@ -130,7 +149,7 @@ def evaluate_batches(
 
     for index, node in enumerate(graph.nodes):
         is_shared = all(v in shared for v in node.inputs)
-        is_matmul = node.primitive in ("dot_general", "conv_general_dilated")
+        is_matmul = node.primitive in MATMUL_PRIMITIVES
         n_runs = 1 if is_shared else n_batches
 
         def read(vid: int, b: int, from_shadow: bool) -> Any:
@@ -156,7 +175,7 @@ def evaluate_batches(
             shadow_results = [node.fn(*(read(v, b, True) for v in node.inputs)) for b in range(n_runs)]
         for k, vid in enumerate(node.outputs):
             define(vid, [r[k] for r in results], is_shared)
-            if shadowed and vid not in hooks:
+            if shadowed and vid not in value_hooks:
                 values = [r[k] for r in shadow_results]
                 if is_shared:
                     shadow_shared[vid] = values[0]

@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repquant_jax._src import quantizers as qz
-from repquant_jax._src.transform import QParams
+from repquant_jax._src.state import QParams
 
 try:  # bfloat16 / float8 / int4 dtypes; jax depends on ml_dtypes, so it is there in practice.
     import ml_dtypes

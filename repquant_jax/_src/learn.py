@@ -1,4 +1,4 @@
-"""RepQuant's learned steps (DESIGN.md §2.6), as optax loops over jitted losses.
+"""RepQuant's learned steps (docs/method.md, "Learned steps"), as optax loops over jitted losses.
 
 * `learn_dual_clipping`: per-channel lower and upper clipping bounds of a norm-output
   quantizer, learned before the fold so that the next matmuls' outputs match.
@@ -24,6 +24,9 @@ import optax
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.config import DualClipping, QuantConfig, Reconstruction
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
+from repquant_jax._src.hooks import quant_hooks
+from repquant_jax._src.interpret import evaluate_batches
+from repquant_jax._src.param_edits import params_with_weights
 
 __all__ = ["learn_dual_clipping", "reconstruct_weights"]
 
@@ -77,7 +80,7 @@ def learn_dual_clipping(
 
     The bounds are ``center ∓ sigmoid(logit)·half-range`` per channel (factors in (0, 1)
     on the distance from the channel's midpoint to its min and max), initialised from
-    ``quantizer`` (the §2.2 search), trained with Adam to minimize the normalized MSE
+    ``quantizer`` (the percentile + MSE search), trained with Adam to minimize the normalized MSE
     of every following matmul's output ``X @ W`` with quantized input and weights.
 
     Args:
@@ -256,15 +259,12 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
     """Learns the weight rounding of every dot_general weight site, in forward order.
 
     The float targets come from the folded float model (same function as the original,
-    DESIGN.md §2.4); the inputs from the quantized model with every upstream site
+    docs/method.md, "Folding a norm"); the inputs from the quantized model with every upstream site
     already reconstructed. Convolutions are left to nearest rounding.
 
     Returns:
       New `QParams` whose weights lie on their quantization grids.
     """
-    from repquant_jax._src.interpret import evaluate_batches
-    from repquant_jax._src.transform import params_with_weights, quant_hooks
-
     rc = config.reconstruction
     sites = [
         w for w in plan.weights
@@ -278,7 +278,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
         return rc_ if w.weight_operand == 0 else lc
 
     # Float pass on the folded params: the inputs every matmul should have seen.
-    float_hooks, rewrites, _ = quant_hooks(graph, plan, qparams, quantize=False)
+    float_hooks = quant_hooks(graph, plan, qparams, quantize=False)
     picks: dict[str, np.ndarray] = {}  # sampled rows: training rows, then held-out rows
     split: dict[str, int] = {}
     float_rows: dict[str, jax.Array] = {}
@@ -295,10 +295,10 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
 
         return hook
 
-    evaluate_batches(graph, leaves, batch_leaves, float_hooks, rewrites, {w.node: recorder(w) for w in sites})
+    evaluate_batches(graph, leaves, batch_leaves, float_hooks.replace(operands={w.node: recorder(w) for w in sites}))
 
     # Quantized pass: reconstruct each site when the quantized model reaches it.
-    hooks, rewrites, weight_hooks = quant_hooks(graph, plan, qparams)
+    hooks = quant_hooks(graph, plan, qparams)
     done: list[tuple[str, float, float]] = []
     updates: list[tuple[object, np.ndarray]] = []
 
@@ -321,5 +321,5 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
 
         return hook
 
-    evaluate_batches(graph, leaves, batch_leaves, hooks, rewrites, {**weight_hooks, **{w.node: reconstructor(w) for w in sites}})
+    evaluate_batches(graph, leaves, batch_leaves, hooks.replace(operands={**hooks.operands, **{w.node: reconstructor(w) for w in sites}}))
     return qparams.replace(params=params_with_weights(qparams.params, updates))

@@ -1,16 +1,17 @@
-"""Ready-made configs for the methods compared in DESIGN.md §2.7.
+"""Ready-made configs for the methods compared in docs/method.md, "The compared methods (presets)".
 
 Each preset is ``preset(w_bits=4, a_bits=4, **overrides) -> QuantConfig``; ``overrides``
 are any `QuantConfig` fields.
 
 * `minmax`: min-max ranges everywhere, per-tensor norm outputs, uniform softmax.
-* `percentile`: the §2.2 percentile + MSE search, per-tensor norm outputs ("plain
-  layer-wise"), uniform softmax.
-* `repq_vit`: the search, per-channel norm outputs folded to per-tensor (§2.4), log√2
-  softmax (§2.5). No learning.
-* `repquant`: `repq_vit` plus learnable dual clipping and weight reconstruction (§2.6).
+* `percentile`: the percentile + MSE search (docs/method.md, "Calibration"), per-tensor
+  norm outputs ("plain layer-wise"), uniform softmax.
+* `repq_vit`: the search, per-channel norm outputs folded to per-tensor (the norm fold),
+  log√2 softmax (in its log2 form). No learning.
+* `repquant`: `repq_vit` plus learnable dual clipping and weight reconstruction
+  (docs/method.md, "Learned steps").
 
-Weights are per output channel in every preset (DESIGN.md §2.3).
+Weights are per output channel in every preset (docs/method.md, "What gets quantized").
 
 Example:
   >>> from repquant_jax._src import presets
@@ -39,7 +40,7 @@ def minmax(w_bits: int = 4, a_bits: int = 4, **overrides: Any) -> QuantConfig:
 
 
 def percentile(w_bits: int = 4, a_bits: int = 4, **overrides: Any) -> QuantConfig:
-    """The §2.2 search, per-tensor norm outputs, uniform softmax."""
+    """The percentile + MSE search, per-tensor norm outputs, uniform softmax."""
     base = dict(norm_quantizer="per_tensor", softmax_quantizer="uniform")
     return QuantConfig(w_bits=w_bits, a_bits=a_bits, **{**base, **overrides})
 

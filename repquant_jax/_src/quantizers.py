@@ -9,7 +9,7 @@ pure functions act on it:
 * :func:`fake_quant` is ``dequantize(quantize(x))`` with a straight-through
   gradient, for use inside a model.
 
-Kinds (DESIGN §2.1), with ``s`` the scale, ``z`` the zero point, ``b`` the bits:
+Kinds (docs/method.md, "Quantizers"), with ``s`` the scale, ``z`` the zero point, ``b`` the bits:
 
 * ``"uniform"`` (asymmetric): ``q = clip(round(x/s) + z, 0, 2^b - 1)``,
   ``x̂ = (q - z)·s``. Rounding is half to even (:func:`jax.numpy.round`).
@@ -91,6 +91,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from repquant_jax._src import types
+from repquant_jax._src.types import QUANTIZER_KINDS, QuantizerKind, log_zero_code
+
 __all__ = [
         "KINDS",
         "Kind",
@@ -107,8 +110,8 @@ __all__ = [
         "uniform",
 ]
 
-Kind = Literal["uniform", "symmetric", "log2", "log_sqrt2"]
-KINDS: tuple[str, ...] = ("uniform", "symmetric", "log2", "log_sqrt2")
+Kind = QuantizerKind
+KINDS = QUANTIZER_KINDS
 MIN_BITS = 2
 MAX_BITS = 16
 
@@ -318,10 +321,7 @@ def code_range(qp: QuantParams) -> tuple[int, int]:
         ((-128, 127), (0, 7))
     """
     bits = _check_bits(qp.bits)
-    kind = _check_kind(qp.kind)
-    if kind == "symmetric":
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return types.code_range(_check_kind(qp.kind), bits)
 
 
 # ----------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def _uniform_forward(x, s, z, qmin: int, qmax: int) -> jax.Array:
 
 def _log_codes(x, s, bits: int, sqrt2: bool) -> jax.Array:
     """Float-valued log codes, with ``2^b - 1`` reserved for exact zero."""
-    zero_code = float(2**bits - 1)
+    zero_code = float(log_zero_code(bits))
     v = x / s
     positive = v > 0  # False for x <= 0, for x/s underflowing to 0, and for NaN.
     safe = jnp.where(positive, v, 1.0)  # keeps log2 (and its gradient) finite
@@ -402,7 +402,7 @@ def _pow2_neg(e: jax.Array) -> jax.Array:
 
 def _log_values(codes: jax.Array, s: jax.Array, bits: int, sqrt2: bool) -> jax.Array:
     codes = codes.astype(jnp.int32)
-    zero = codes == 2**bits - 1
+    zero = codes == log_zero_code(bits)
     if sqrt2:
         e, odd = log_sqrt2_to_log2_terms(codes)
         mult = s * jnp.where(odd, jnp.float32(_SQRT2), jnp.float32(1.0))
@@ -542,7 +542,7 @@ def fake_quant(x, qp: QuantParams) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# log√2 -> log2 reparameterization (DESIGN §2.5).
+# log√2 -> log2 reparameterization (docs/method.md, "Softmax").
 
 
 @jax.jit
@@ -575,7 +575,7 @@ def log_sqrt2_matmul_shift_add(
 ) -> jax.Array:
     """Computes ``attn @ V`` from codes with two shift-and-add accumulators.
 
-    Implements DESIGN §2.5:
+    Implements the log2 form of docs/method.md, "Softmax":
     ``s·s_v·(Σ_j (V_int - z_v)_j·2^(-e_ij)
     + (√2 - 1)·Σ_{j: q_ij odd} (V_int - z_v)_j·2^(-e_ij))``.
     The powers of two are exact float32 numbers here (an integer path would
@@ -624,7 +624,7 @@ def log_sqrt2_matmul_shift_add(
     v_centered = v_codes.astype(jnp.float32) - z_v
     s_a = _broadcast_param(qp_attn.scale, attn_codes.shape, None)
 
-    nonzero = attn_codes != 2**qp_attn.bits - 1
+    nonzero = attn_codes != log_zero_code(qp_attn.bits)
     e, odd = log_sqrt2_to_log2_terms(attn_codes)
     p_all = jnp.where(nonzero, _pow2_neg(e), 0.0)
     p_odd = jnp.where(nonzero & odd, p_all, 0.0)

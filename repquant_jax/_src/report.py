@@ -27,6 +27,8 @@ class SiteReport:
       note: what the fold did, if anything.
       values_kept, values_seen: calibration values the quantizer was fitted to, and all
         values observed over the calibration stream (activations).
+      fold: for a norm group's point, what the fold stage did (``"folded"``,
+        ``"branch"``, ``"per_channel"``), else None.
     """
 
     name: str
@@ -40,17 +42,31 @@ class SiteReport:
     note: str
     values_kept: int | None = None
     values_seen: int | None = None
+    fold: str | None = None
 
     @classmethod
-    def make(cls, name, role, spec: SiteSpec, qp: qz.QuantParams | None, mse, rel, note, samples=None) -> SiteReport:
+    def make(
+        cls,
+        name: str,
+        role: str,
+        spec: SiteSpec,
+        qp: qz.QuantParams | None,
+        mse: float | None = None,
+        rel: float | None = None,
+        note: str = "",
+        samples: tuple[int, int] | None = None,
+        fold: str | None = None,
+    ) -> SiteReport:
+        """The row of one site from its spec and fitted quantizer (None: float)."""
         kept, seen = samples if samples is not None else (None, None)
         if qp is None:
             note = note or ("skipped by rule" if spec.skip else "")
-            return cls(name, role, 0, "float", None, None, None, None, note, kept, seen)
+            return cls(name, role, 0, "float", None, None, None, None, note, kept, seen, fold)
         scale = np.asarray(qp.scale)
         granularity = "per_tensor" if qp.axis is None else "per_channel"
         return cls(
-            name, role, qp.bits, f"{qp.kind} {granularity}", float(scale.min()), float(scale.max()), mse, rel, note, kept, seen
+            name, role, qp.bits, f"{qp.kind} {granularity}", float(scale.min()), float(scale.max()), mse, rel, note,
+            kept, seen, fold,
         )
 
 
@@ -73,7 +89,7 @@ class TransformReport:
         worst = sorted(acts, key=lambda s: -s.relative_mse)[:3]
         lines = [
             f"{sum(s.bits > 0 for s in self.sites)} of {len(self.sites)} sites quantized; "
-            f"{sum(s.note.startswith('folded') for s in self.sites)} norm groups folded",
+            f"{sum(s.fold in ('folded', 'branch') for s in self.sites)} norm groups folded",
         ]
         lines += [f"  highest relative MSE: {s.name} {s.relative_mse:.3g} ({s.quantizer}, {s.bits} bits)" for s in worst]
         lines += [f"  note: {n}" for n in self.notes]

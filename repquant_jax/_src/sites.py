@@ -1,7 +1,7 @@
 """Find quantization sites in a traced `Graph` and prove which norm folds are legal.
 
 The result, a `Plan`, is plain data: printable as a table, matchable by name rules,
-testable on its own. What it finds (DESIGN.md §2.3, §3):
+testable on its own. What it finds (docs/method.md, "What gets quantized"):
 
 * `WeightSite`: a ``dot_general``/``conv_general_dilated`` with one operand derived from
   a parameter leaf through layout-only ops. Named by the parameter's tree path without
@@ -13,8 +13,8 @@ testable on its own. What it finds (DESIGN.md §2.3, §3):
   first matmul that reads it: ``"Block_0/attn/query:input"``, ``"...:lhs"``, ``"...:rhs"``.
 * `Softmax`: ``exp(x - max) / sum(exp(x - max))`` along an axis, and the point it feeds.
 * `FoldGroup`: a per-channel affine whose scale (and bias, for LayerNorm) are parameters,
-  producing an activation point. It is *foldable* (DESIGN.md §2.4) only if every reader
-  of its output is a weight matmul contracting over the channel axis; otherwise `reason`
+  producing an activation point. It is *foldable* (docs/method.md, "Folding a norm") only if
+  every reader of its output is a weight matmul contracting over the channel axis; otherwise `reason`
   says which consumer prevents it.
 
 Index maps ("probes") are computed by running the layout-only chain between a parameter
@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
+from repquant_jax._src.types import MATMUL_PRIMITIVES, NodeId, ValueId
 
 __all__ = [
     "WeightSite",
@@ -43,8 +44,6 @@ __all__ = [
     "Plan",
     "analyze",
 ]
-
-_MATMULS = ("dot_general", "conv_general_dilated")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,7 +74,7 @@ class WeightSite:
     """
 
     name: str
-    node: int
+    node: NodeId
     param_path: str
     param_index: int
     weight_operand: int
@@ -94,7 +93,7 @@ class ActivationMatmul:
     """A matmul of two activations (``q @ k.T``, ``attn @ v``)."""
 
     name: str
-    node: int
+    node: NodeId
     lhs_point: str
     rhs_point: str
 
@@ -114,7 +113,7 @@ class ActivationPoint:
     """
 
     name: str
-    value_id: int
+    value_id: ValueId
     shape: tuple[int, ...]
     readers: tuple[str, ...]
     source: str
@@ -126,7 +125,7 @@ class Softmax:
     """A softmax and the activation point (if any) its output is."""
 
     name: str
-    node: int
+    node: NodeId
     axis: int
     point: str | None
 
@@ -153,8 +152,8 @@ class FoldConsumer:
     bias_param_index: int | None
     bias_index: np.ndarray | None = dataclasses.field(repr=False)
     contract_channel: np.ndarray = dataclasses.field(repr=False)
-    node: int = -1
-    bias_node: int | None = None
+    node: NodeId = NodeId(-1)
+    bias_node: NodeId | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -454,7 +453,7 @@ class _Analysis:
             return name if n == 0 else f"{name}#{n + 1}"
 
         for i, node in enumerate(g.nodes):
-            if node.primitive not in _MATMULS:
+            if node.primitive not in MATMUL_PRIMITIVES:
                 continue
             lhs, rhs = node.inputs[:2]
             if node.primitive == "dot_general" and not node.params["dimension_numbers"][0][0]:
@@ -809,7 +808,7 @@ class _Analysis:
         # same for Linen, NNX and plain JAX.
         name = _site_name_from_path(g.param_paths[self.origin[scale_vid][0]]) + _suffix(node.iteration)
         consumers, norm_reason, matmul_reason = self._fold_consumers(out, shape, point, weight_by_node)
-        # The kernel half (§2.8 branch fold) needs legal kernel edits; the full fold also
+        # The kernel half (branch fold, docs/method.md) needs legal kernel edits; the full fold also
         # needs the norm output to reach nothing but the consumers, and its own γ, β.
         branch_reason = matmul_reason or self._shared_leaf_reason([], consumers, weight_by_node)
         if not consumers and not branch_reason:

@@ -1,6 +1,6 @@
 """English text that installed packages ship: no network, no download.
 
-Sources (DESIGN.md §4):
+Sources (docs/method.md, "Models and data available offline"):
 
 * **gensim's test data** (``pip install --no-deps gensim``; gensim itself is never
   imported, only its package folder is located, so its compiled dependencies are not

@@ -1,0 +1,311 @@
+"""The stages of `transform`, each ``(traced, state, ...) -> state``.
+
+::
+
+    trace → specs → calibrate (forward order, upstream quantizers active)
+          → learn dual clipping (repquant) → fold norms → re-calibrate folded weights
+          → reconstruct weight rounding (repquant) → report
+
+Each stage reads what it needs from the frozen `QuantState` and returns the next one,
+so each can be run and tested on its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from repquant_jax._src import quantizers as qz
+from repquant_jax._src.adapters import check_reads_params
+from repquant_jax._src.config import QuantConfig, SiteSpec
+from repquant_jax._src.fit import Reservoir, calibrate_values, calibrate_weight, point_values, subsample
+from repquant_jax._src.fold import weight_matrix
+from repquant_jax._src.fold_check import fold_checked, fold_offsets
+from repquant_jax._src.graph import trace
+from repquant_jax._src.hooks import affine_input, fake_quant_weight, quant_hooks, weight_operand_hook
+from repquant_jax._src.interpret import Hook, Hooks, evaluate_batches
+from repquant_jax._src.learn import learn_dual_clipping, reconstruct_weights
+from repquant_jax._src.param_edits import weight_view
+from repquant_jax._src.report import SiteReport, TransformReport
+from repquant_jax._src.sites import WeightSite, analyze
+from repquant_jax._src.specs import calibration_rows, resolve_specs
+from repquant_jax._src.state import GroupOutcome, QuantState, Traced
+
+__all__ = [
+    "trace_model",
+    "initial_state",
+    "calibrate",
+    "learn_clipping",
+    "fold_norms",
+    "refit_folded_weights",
+    "reconstruct",
+    "report",
+]
+
+Progress = Callable[..., None]
+
+
+def trace_model(apply_fn: Callable[..., Any], params: Any, first_chunk: Sequence[tuple[Any, ...]]) -> Traced:
+    """Traces ``apply_fn`` on the first calibration batch and analyzes its sites.
+
+    Raises:
+      ValueError: if ``apply_fn`` does not read the weights in ``params`` (closed over).
+    """
+    graph = trace(apply_fn, params, *first_chunk[0])
+    check_reads_params(graph)
+    return Traced(
+        graph=graph,
+        plan=analyze(graph),
+        param_leaves=tuple(jax.tree_util.tree_leaves(params)),
+        first_chunk=tuple(tuple(jax.tree_util.tree_leaves(b)) for b in first_chunk),
+    )
+
+
+def initial_state(traced: Traced, config: QuantConfig) -> QuantState:
+    """Final per-site specs (rows per channel counted on the first chunk) and the
+    user's parameter leaves."""
+    rows = calibration_rows(traced.graph, traced.plan, len(traced.first_chunk))
+    return QuantState(specs=resolve_specs(traced.plan, config, rows=rows), leaves=traced.param_leaves)
+
+
+class _Calibrator:
+    """Calibration hooks: each site fits its quantizer when the forward reaches it, and
+    each activation point keeps a bounded sample of its values across chunks."""
+
+    def __init__(self, traced: Traced, specs: dict[str, SiteSpec], config: QuantConfig, rng: np.random.Generator):
+        self.specs, self.config = specs, config
+        self.weights: dict[str, qz.QuantParams] = {}
+        self.activations: dict[str, qz.QuantParams] = {}
+        self.reservoirs = {p.name: Reservoir(config.max_calibration_values, rng) for p in traced.plan.points}
+        active = [w for w in traced.plan.weights if not specs[w.name].skip]
+        self.hooks = Hooks(
+            values={p.value_id: self._point_hook(p.name) for p in traced.plan.points if not specs[p.name].skip},
+            operands={w.node: weight_operand_hook(w, self._weight_fn(w)) for w in active},
+        )
+
+    def _weight_fn(self, w: WeightSite) -> Callable[[Any], Any]:
+        def quantize(view):
+            if w.name not in self.weights:
+                self.weights[w.name] = calibrate_weight(weight_matrix(view, w.contracting), self.specs[w.name], self.config)
+            return fake_quant_weight(view, self.weights[w.name], w.contracting)
+
+        return quantize
+
+    def _point_hook(self, name: str) -> Hook:
+        spec = self.specs[name]
+        axis = -1 if spec.granularity == "per_channel" else None
+
+        def hook(values):
+            reservoir = self.reservoirs[name]
+            reservoir.add(point_values(values, spec))
+            try:
+                qp = calibrate_values(reservoir.data, spec, self.config, axis)
+            except ValueError as err:
+                raise ValueError(f"calibrating {name!r}: {err}") from None
+            self.activations[name] = qp
+            return [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
+
+        return hook
+
+
+def calibrate(
+    traced: Traced,
+    state: QuantState,
+    chunks: Iterable[Sequence[tuple[Any, ...]]],
+    config: QuantConfig,
+    progress: Progress,
+) -> QuantState:
+    """Fits every site's quantizer in forward order, every upstream quantizer active.
+
+    Batches are evaluated side by side a chunk at a time; each activation point keeps a
+    bounded sample of its values across chunks and is re-fitted to it after each chunk.
+    Also samples the calibration rows of the per-channel norm points for dual clipping.
+    """
+    rng = np.random.default_rng(config.seed)
+    calibrator = _Calibrator(traced, dict(state.specs), config, rng)
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        evaluate_batches(traced.graph, state.leaves, [jax.tree_util.tree_leaves(b) for b in chunk], calibrator.hooks)
+        progress(
+            f"calibrated {len(calibrator.activations)} activation and {len(calibrator.weights)} weight "
+            f"quantizers on {seen} batches"
+        )
+    clipping_rows = {}
+    if config.dual_clipping is not None:
+        for group in traced.plan.groups:
+            qp = calibrator.activations.get(group.point)
+            if qp is not None and qp.axis is not None and group.consumers:
+                data = calibrator.reservoirs[group.point].data
+                clipping_rows[group.point] = subsample(data, config.dual_clipping.max_rows, rng)
+    return state.replace(
+        weights=calibrator.weights,
+        activations=calibrator.activations,
+        samples={n: (r.data.size, r.seen) for n, r in calibrator.reservoirs.items() if r.data is not None},
+        clipping_rows=clipping_rows,
+    )
+
+
+def learn_clipping(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
+    """Learns the per-channel clipping bounds of each norm quantizer (RepQuant), from
+    the calibration rows, to match the following matmuls' outputs."""
+    if config.dual_clipping is None or not state.clipping_rows:
+        return state
+    groups = {g.point: g for g in traced.plan.groups}
+    activations = dict(state.activations)
+    for i, (point, rows) in enumerate(state.clipping_rows.items()):
+        group = groups[point]
+        consumers = [(traced.plan.weight(c.site), c) for c in group.consumers]
+        if not all(w.name in state.weights for w, _ in consumers):
+            continue
+        # rows of each weight matrix in channel order
+        matrices = [
+            weight_matrix(jnp.asarray(weight_view(state.leaves, w)), w.contracting)[np.argsort(c.contract_channel)]
+            for w, c in consumers
+        ]
+        wqps = [state.weights[w.name] for w, _ in consumers]
+        activations[point], before, after = learn_dual_clipping(
+            rows, activations[point], matrices, wqps, config.dual_clipping
+        )
+        progress(f"dual clipping {group.name}: output MSE {before:.3g} -> {after:.3g}", i + 1, len(state.clipping_rows))
+    return state.replace(activations=activations)
+
+
+def fold_norms(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
+    """Folds each per-channel norm quantizer into per-tensor form (the whole group, or
+    the kernel half for a branch fold), each fold checked numerically on a calibration
+    batch and undone if it moves the float model's output."""
+    plan, outcomes = traced.plan, {}
+    to_fold = []
+    for group in plan.groups:
+        spec = state.specs.get(group.point)
+        if spec is None or spec.skip or spec.granularity != "per_channel":
+            continue
+        branch = not group.foldable and group.branch_foldable and config.unfoldable == "branch"
+        if not (group.foldable or branch) or not config.fold_norms:
+            reason = "fold_norms=False" if not config.fold_norms else group.reason
+            outcomes[group.point] = GroupOutcome("per_channel", f"kept per channel: {reason}")
+            continue
+        to_fold.append(group)
+    leaves, folds, failed = fold_checked(
+        traced.graph, plan, state.leaves, to_fold, state.activations, traced.first_chunk[0], config
+    )
+    input_scales, input_offsets, output_offsets = fold_offsets(folds)
+    activations, refit = dict(state.activations), set()
+    for group in to_fold:
+        if group.point in failed:
+            outcomes[group.point] = GroupOutcome(
+                "per_channel",
+                f"kept per channel: the fold failed its numerical check (relative output error "
+                f"{failed[group.point]:.3g} of the folded float model)",
+            )
+            warnings.warn(
+                f"the fold of norm group {group.name!r} changed the float model's output "
+                f"(relative error {failed[group.point]:.3g}); it was undone and the group is "
+                "quantized per channel. Please report this model pattern.",
+                stacklevel=3,
+            )
+            continue
+        result = folds[group.point]
+        activations[group.point] = result.quantizer
+        refit.update(c.site for c in group.consumers)
+        if group.foldable:
+            outcomes[group.point] = GroupOutcome(
+                "folded", f"folded {group.name} into {len(group.consumers)} matmuls (max |r2| {result.max_abs_r2:g})"
+            )
+        else:
+            outcomes[group.point] = GroupOutcome(
+                "branch",
+                f"folded {group.name}'s kernel half (branch fold) into {len(group.consumers)} matmuls, "
+                f"max |r2| {result.max_abs_r2:g}; the norm stays: {group.reason}",
+            )
+    if outcomes:
+        progress(f"folded {sum(o.folded for o in outcomes.values())} norm groups")
+    return state.replace(
+        leaves=tuple(leaves),
+        activations=activations,
+        input_scales=input_scales,
+        input_offsets=input_offsets,
+        output_offsets=output_offsets,
+        outcomes=outcomes,
+        refit=frozenset(refit),
+    )
+
+
+def refit_folded_weights(traced: Traced, state: QuantState, config: QuantConfig) -> QuantState:
+    """Re-calibrates the weight quantizers of the kernels the folds rescaled."""
+    weights = dict(state.weights)
+    for w in traced.plan.weights:
+        if w.name in state.refit and w.name in weights:
+            matrix = weight_matrix(weight_view(state.leaves, w), w.contracting)
+            weights[w.name] = calibrate_weight(matrix, state.specs[w.name], config)
+    return state.replace(weights=weights)
+
+
+def reconstruct(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
+    """Learns the rounding of the weights (RepQuant), in forward order."""
+    if config.reconstruction is None:
+        return state
+    qparams = reconstruct_weights(
+        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config, progress
+    )
+    return state.replace(leaves=tuple(jax.tree_util.tree_leaves(qparams.params)))
+
+
+def _measured(hooks: Hooks, state: QuantState, names: dict[Any, str], errors: dict[str, tuple[float, float]]) -> Hooks:
+    """``hooks`` with each quantized point also recording its quantization error (of
+    the quantizer alone: against its input after the fold's scale and offset)."""
+
+    def measuring(vid, hook):
+        def run(values):
+            out = hook(values)
+            if vid in names:
+                name = names[vid]
+                values = [affine_input(v, state.input_scales.get(name), state.input_offsets.get(name)) for v in values]
+                sq = sum(float(jnp.sum((o - v) ** 2)) for o, v in zip(out, values))
+                ref = sum(float(jnp.sum(v**2)) for v in values)
+                count = sum(int(np.size(v)) for v in values)
+                errors[name] = (sq / count, sq / max(ref, 1e-30))
+            return out
+
+        return run
+
+    return hooks.replace(values={vid: measuring(vid, h) for vid, h in hooks.values.items()})
+
+
+def report(traced: Traced, state: QuantState, config: QuantConfig) -> TransformReport:
+    """Every site's settings, what the fold did, and the quantization error of each
+    activation point on the first calibration chunk."""
+    graph, plan = traced.graph, traced.plan
+    qparams = state.qparams(traced)
+    errors: dict[str, tuple[float, float]] = {}
+    names = {p.value_id: p.name for p in plan.points if p.name in qparams.activations}
+    hooks = _measured(quant_hooks(graph, plan, qparams), state, names, errors)
+    evaluate_batches(graph, jax.tree_util.tree_leaves(qparams.params), traced.first_chunk, hooks)
+    rows = [SiteReport.make(w.name, "weight", state.specs[w.name], qparams.weights.get(w.name)) for w in plan.weights]
+    for p in plan.points:
+        spec, outcome = state.specs[p.name], state.outcomes.get(p.name)
+        mse, rel = errors.get(p.name, (None, None))
+        rows.append(
+            SiteReport.make(
+                p.name,
+                f"activation/{p.source}",
+                spec,
+                qparams.activations.get(p.name),
+                mse,
+                rel,
+                outcome.note if outcome is not None else spec.note,
+                state.samples.get(p.name),
+                fold=outcome.form if outcome is not None else None,
+            )
+        )
+    used_rules = {s.rule for s in state.specs.values() if s.rule is not None}
+    notes = plan.notes + tuple(
+        f"rule {r.pattern!r} matched no site" for i, r in enumerate(config.rules) if i not in used_rules
+    )
+    return TransformReport(tuple(rows), notes)
