@@ -9,7 +9,7 @@ import zoo
 from flax import nnx
 
 import repquant_jax as repquant
-from repquant_jax._src.adapters import check_reads_params, closed_over_weights, from_nnx, reads_params
+from repquant_jax._src.adapters import as_apply_fn, check_reads_params, closed_over_weights, from_nnx, reads_params
 from repquant_jax._src.graph import path_to_str, trace
 from repquant_jax._src.sites import analyze
 
@@ -68,6 +68,11 @@ def _net(eval_mode: bool = True) -> Net:
     for i, (_, ln) in enumerate((p, m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.LayerNorm)):
         ln.scale[...] = jax.random.uniform(jax.random.key(10 + i), (DIM,), minval=0.5, maxval=1.5)
         ln.bias[...] = 0.1 * jax.random.normal(jax.random.key(20 + i), (DIM,))
+    # Residual-branch projections scaled down (as GPT-2's init does): random attention is
+    # near uniform, where the log-sqrt2 softmax quantizer is at its coarsest, and full-size
+    # branches would make the W8A8 error a property of these random weights.
+    for proj in (model.attn.out, model.attn2.out, model.fc2):
+        proj.kernel[...] = 0.5 * proj.kernel[...]
     if eval_mode:
         model.eval()
     else:
@@ -76,7 +81,7 @@ def _net(eval_mode: bool = True) -> Net:
 
 
 def _x(seed: int = 1) -> jax.Array:
-    return jax.random.normal(jax.random.key(seed), (4, 8, DIM))
+    return jax.random.normal(jax.random.key(seed), (8, 16, DIM))
 
 
 def _snapshot(model: nnx.Module) -> list[tuple[str, np.ndarray]]:
@@ -168,13 +173,28 @@ def test_from_nnx_rejects_a_module_without_params():
         from_nnx(nnx.Dropout(0.1, rngs=nnx.Rngs(0)))
 
 
+def test_as_apply_fn_splits_a_module_and_passes_functions_through():
+    model = _net()
+    apply_fn, params = as_apply_fn(model, None)
+    x = _x()
+    np.testing.assert_array_equal(np.asarray(apply_fn(params, x)), np.asarray(model(x)))
+    fn, p = lambda p, x: x @ p["w"], {"w": jnp.ones((DIM, 2))}
+    assert as_apply_fn(fn, p) == (fn, p)
+    with pytest.raises(ValueError, match="params=None"):
+        as_apply_fn(model, params)
+    with pytest.raises(ValueError, match="params is None"):
+        as_apply_fn(fn, None)
+    with pytest.raises(TypeError, match="Linen module"):
+        as_apply_fn(nn.Dense(4), {"params": {}})
+
+
 # ------------------------------------------------------------------------- transform on NNX
 
 
 def test_transform_quantizes_every_linear_kernel(quantized):
     model, _, apply_fn, params, qparams, qapply = quantized
     linears = _linear_paths(model)
-    assert len(linears) == 9  # q, k, v, out twice, fc1, fc2, head
+    assert len(linears) == 11  # q, k, v, out in both attentions, fc1, fc2, head
     plan = analyze(trace(apply_fn, params, _x()))
     assert {w.name for w in plan.weights} == linears
     assert set(qparams.weights) == linears
@@ -185,11 +205,11 @@ def test_transform_quantizes_every_linear_kernel(quantized):
 
 def test_transform_output_is_close_to_float(quantized):
     model, _, _, _, qparams, qapply = quantized
-    x = _x(seed=7)
+    x = _x(seed=7)  # not a calibration batch
     want = np.asarray(model(x))
     got = np.asarray(qapply(qparams, x))
     error = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert 0 < error < 0.05, error  # > 0: something was quantized
+    assert 1e-3 < error < 0.05, error  # > 1e-3: the kernels really were quantized
 
 
 def test_transform_leaves_the_module_untouched(quantized):
@@ -209,6 +229,12 @@ def test_nnx_module_called_in_a_closure_is_reported():
     assert not reads_params(graph)
     with pytest.raises(ValueError, match=r"ignores its params argument(.|\n)*closed over(.|\n)*from_nnx"):
         check_reads_params(graph)
+
+
+def test_transform_refuses_a_closure_over_an_nnx_module():
+    model = _net()
+    with pytest.raises(ValueError, match="ignores its params argument"):
+        repquant.transform(lambda p, x: model(x), nnx.state(model), [_x()], repquant.presets.repq_vit(8, 8))
 
 
 def test_linen_variables_closed_over_are_reported():
@@ -271,7 +297,7 @@ def test_small_masks_and_tables_are_not_reported():
         x = jnp.einsum("ts,bsd->btd", mixing, x)
         return x @ (p["w"] * kernel_mask)
 
-    graph = trace(apply_fn, params, _x())
+    graph = trace(apply_fn, params, jax.random.normal(jax.random.key(0), (2, s, DIM)))
     assert set(map(str, (graph.avals[v].dtype for v in graph.consts))) >= {"bool", "float32", "int32"}
     assert closed_over_weights(graph) == ()
     check_reads_params(graph)
@@ -279,7 +305,7 @@ def test_small_masks_and_tables_are_not_reported():
     assert [w.shape for w in closed_over_weights(graph, min_elements=1)] == [(s, s)]
 
 
-@pytest.mark.parametrize("builder", ["nnx_vit_block", "llama_block", "masked_attention", "derived_weights"])
+@pytest.mark.parametrize("builder", ["nnx_vit_block", "masked_attention", "derived_weights"])
 def test_zoo_models_pass(builder):
     model = zoo.ALL[builder]()
     check_reads_params(trace(model.apply_fn, model.params, *model.inputs))

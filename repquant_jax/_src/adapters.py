@@ -35,14 +35,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
 
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
+from repquant_jax._src.types import MATMUL_PRIMITIVES
 
 __all__ = ["from_nnx", "as_apply_fn", "ClosedOverWeight", "closed_over_weights", "reads_params", "check_reads_params"]
 
-#: Matmuls whose constant operand would be a weight left in float.
-_MATMULS = frozenset({"dot_general", "conv_general_dilated"})
 
 #: Float constants with at least this many elements (and ``ndim >= 2``) count as weights.
 DEFAULT_MIN_ELEMENTS = 256
@@ -82,8 +81,8 @@ def from_nnx(model: nnx.Module) -> tuple[Callable[..., Any], nnx.State]:
 
     Returns:
       ``(apply_fn, params)``. After `repquant_jax.transform`, ``qparams.params`` has the
-      structure of ``params``; ``nnx.update(model, qparams.params)`` loads its (folded)
-      float weights into a module.
+      structure of ``params``; ``nnx.update(copy, qparams.params)`` loads its (folded)
+      float weights into a copy made with ``copy = nnx.clone(model)``.
 
     Raises:
       TypeError: if ``model`` is not an ``nnx.Module`` instance, or is not callable.
@@ -98,7 +97,8 @@ def from_nnx(model: nnx.Module) -> tuple[Callable[..., Any], nnx.State]:
       True
     """
     _require_nnx_module(model)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    (rest,) = others
     if not jax.tree_util.tree_leaves(params):
         raise ValueError(
             f"{type(model).__name__} has no nnx.Param variables, so there is nothing to quantize "
@@ -142,13 +142,15 @@ def as_apply_fn(apply_fn: Callable[..., Any] | nnx.Module, params: Any) -> tuple
         return from_nnx(apply_fn)
     if isinstance(apply_fn, type):
         raise TypeError(f"apply_fn is the class {apply_fn.__name__}, not a function or a module instance")
-    if _is_linen_module(apply_fn):
+    if isinstance(apply_fn, linen.Module):
         raise TypeError(
             f"apply_fn is a Flax Linen module ({type(apply_fn).__name__}): pass "
             "`lambda p, *xs: model.apply(p, *xs)` and its variables as params"
         )
     if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be a function apply_fn(params, *inputs) or an nnx.Module, got {type(apply_fn).__name__}")
+        raise TypeError(
+            f"apply_fn must be a function apply_fn(params, *inputs) or an nnx.Module, got {type(apply_fn).__name__}"
+        )
     if params is None:
         raise ValueError(
             "params is None: pass the parameter pytree apply_fn reads its weights from "
@@ -159,22 +161,18 @@ def as_apply_fn(apply_fn: Callable[..., Any] | nnx.Module, params: Any) -> tuple
 
 def _require_nnx_module(model: Any) -> None:
     if isinstance(model, type):
-        raise TypeError(f"from_nnx expects an nnx.Module instance, got the class {model.__name__}; instantiate it first")
+        raise TypeError(
+            f"from_nnx expects an nnx.Module instance, got the class {model.__name__}; instantiate it first"
+        )
     if not isinstance(model, nnx.Module):
         hint = ""
-        if type(model).__module__.startswith("flax.linen") or _is_linen_module(model):
+        if isinstance(model, linen.Module):
             hint = "; for a Flax Linen module use `lambda p, *xs: model.apply(p, *xs)` with its variables as params"
-        raise TypeError(f"from_nnx expects a flax.nnx.Module, got {type(model).__module__}.{type(model).__qualname__}{hint}")
+        raise TypeError(
+            f"from_nnx expects a flax.nnx.Module, got {type(model).__module__}.{type(model).__qualname__}{hint}"
+        )
     if not callable(model):
         raise TypeError(f"{type(model).__name__} has no __call__: from_nnx wraps the module's __call__")
-
-
-def _is_linen_module(obj: Any) -> bool:
-    try:
-        import flax.linen as nn
-    except ImportError:  # pragma: no cover - flax.linen ships with flax
-        return False
-    return isinstance(obj, nn.Module)
 
 
 def _copy_state(state: nnx.State) -> nnx.State:
@@ -237,13 +235,15 @@ def closed_over_weights(graph: Graph, *, min_elements: int = DEFAULT_MIN_ELEMENT
     Returns:
       One entry per (constant, first matmul reading it), in graph order.
     """
-    source: dict[int, int] = {vid: vid for vid, aval in graph.avals.items() if vid in graph.consts and _is_weight_like(aval, min_elements)}
+    source: dict[int, int] = {
+        vid: vid for vid, aval in graph.avals.items() if vid in graph.consts and _is_weight_like(aval, min_elements)
+    }
     found: dict[int, ClosedOverWeight] = {}
     for i, node in enumerate(graph.nodes):
         if node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) == 1 and node.inputs[0] in source:
             for out in node.outputs:
                 source[out] = source[node.inputs[0]]
-        elif node.primitive in _MATMULS:
+        elif node.primitive in MATMUL_PRIMITIVES:
             for operand in node.inputs[:2]:
                 const = source.get(operand)
                 if const is not None and const not in found:
@@ -292,8 +292,7 @@ def check_reads_params(graph: Graph, *, min_elements: int = DEFAULT_MIN_ELEMENTS
             raise ValueError(
                 f"apply_fn ignores its params argument: none of its {n_params} float parameter "
                 f"leaves is read, while the kernels are closed over as constants ({what}). "
-                "transform quantizes the params it is given, so nothing would be quantized. "
-                + _NNX_FIX
+                "transform quantizes the params it is given, so nothing would be quantized. " + _NNX_FIX
             )
         return
     if weights:

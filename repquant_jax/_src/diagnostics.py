@@ -85,7 +85,7 @@ def channel_range_profile(apply_fn: Callable[..., Any], params: Any, *inputs: An
       >>> p = model.init(jax.random.key(1), x)
       >>> profile = channel_range_profile(lambda p, x: model.apply(p, x), p, x)
       >>> list(profile)
-      ['Sequential/layers_0']
+      ['layers_0']
     """
     graph = trace(apply_fn, params, *inputs)
     plan = analyze(graph)

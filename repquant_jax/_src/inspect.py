@@ -34,6 +34,6 @@ def inspect(apply_fn: Callable[..., Any], params: Any, *example_inputs: Any) -> 
       >>> params = model.init(jax.random.key(0), x)
       >>> plan = repquant.inspect(lambda p, x: model.apply(p, x), params, x)
       >>> [(g.name, g.foldable) for g in plan.groups]
-      [('Sequential/layers_0', True)]
+      [('layers_0', True)]
     """
     return analyze(trace(apply_fn, params, *example_inputs))

@@ -10,10 +10,8 @@ import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flax import nnx
-
 from repquant_jax._src import stages
-from repquant_jax._src.adapters import from_nnx
+from repquant_jax._src.adapters import as_apply_fn
 from repquant_jax._src.checks import check_params
 from repquant_jax._src.config import QuantConfig
 from repquant_jax._src.inputs import BatchStream
@@ -70,7 +68,7 @@ def transform(
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (see repquant_jax.presets), got {type(config).__name__}")
-    apply_fn, params = _as_apply_fn(apply_fn, params)
+    apply_fn, params = as_apply_fn(apply_fn, params)
     progress = Progress(verbose)
     stream = BatchStream(calib_batches)
     first_chunk = stream.chunk(config.calibration_chunk)
@@ -95,16 +93,3 @@ def transform(
     qparams = qparams.replace(params=placed_like(qparams.params, params))
     return qparams, QApply(apply_fn, traced.params_treedef, report)
 
-
-def _as_apply_fn(apply_fn: Any, params: Any) -> tuple[Callable[..., Any], Any]:
-    """``(apply_fn, params)``, from an NNX module (`from_nnx`) or as given."""
-    if isinstance(apply_fn, nnx.Module):
-        if params is not None:
-            raise ValueError(
-                "transform got an nnx.Module and params: with a module, pass params=None (its "
-                "nnx.Param state is the params), or pass repquant_jax.from_nnx(module)"
-            )
-        return from_nnx(apply_fn)
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable (or an nnx.Module), got {type(apply_fn).__name__}")
-    return apply_fn, params
