@@ -35,8 +35,10 @@ def main() -> None:
     kept = max(s.values_kept for s in qapply.report.sites if s.values_kept is not None)
     seen = max(s.values_seen for s in qapply.report.sites if s.values_seen is not None)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{args.batches} batches x 8 images, chunk 4: peak RSS {peak_mb:.0f} MB, "
-          f"max values kept per site {kept:,} of {seen:,} seen, {time.perf_counter() - start:.0f} s")
+    print(
+        f"{args.batches} batches x 8 images, chunk 4: peak RSS {peak_mb:.0f} MB, "
+        f"max values kept per site {kept:,} of {seen:,} seen, {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

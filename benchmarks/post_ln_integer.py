@@ -23,11 +23,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from timing import interleaved_times
 
 import repquant_jax as repquant
 from repquant_jax._src import export as rqe
 from repquant_zoo.models import bert
-from timing import interleaved_times
 
 
 def main() -> None:
@@ -43,10 +43,14 @@ def main() -> None:
     apply_fn = lambda p, i, a: model.apply(p, i, a)  # noqa: E731
     inputs = (ids, mask)
     forward = jax.jit(apply_fn)
-    print(f"# post-LN BERT-base W8A8, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-          f"{jax.devices()[0].platform}, jax {jax.__version__}, {args.repeats} interleaved rounds")
-    print("| preset | unfoldable | matmul modes | float (ms) | integer_apply (ms) | ratio | frozen qapply (ms) | ratio "
-          "| integer vs qapply (rel.) |")
+    print(
+        f"# post-LN BERT-base W8A8, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"{jax.devices()[0].platform}, jax {jax.__version__}, {args.repeats} interleaved rounds"
+    )
+    print(
+        "| preset | unfoldable | matmul modes | float (ms) | integer_apply (ms) | ratio | frozen qapply (ms) | ratio "
+        "| integer vs qapply (rel.) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for preset, unfoldable in (("repq_vit", "branch"), ("minmax", "branch"), ("repq_vit", "per_channel")):
         config = getattr(repquant.presets, preset)(8, 8, unfoldable=unfoldable)
@@ -57,13 +61,19 @@ def main() -> None:
         modes = collections.Counter(rqe.matmul_modes(exported, *inputs).values())
         ref, got = qapply(qparams, *inputs), integer(exported, *inputs)
         agreement = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-        t_float, t_int, t_frozen = (statistics.median(t) for t in interleaved_times(
-            [lambda: forward(params, *inputs), lambda: integer(exported, *inputs), lambda: qapply(frozen, *inputs)],
-            args.repeats,
-        ))
+        t_float, t_int, t_frozen = (
+            statistics.median(t)
+            for t in interleaved_times(
+                [lambda: forward(params, *inputs), lambda: integer(exported, *inputs), lambda: qapply(frozen, *inputs)],
+                args.repeats,
+            )
+        )
         mode_text = ", ".join(f"{n} {m}" for m, n in sorted(modes.items()))
-        print(f"| {preset} | {unfoldable} | {mode_text} | {1e3 * t_float:.0f} | {1e3 * t_int:.0f} | "
-              f"{t_int / t_float:.2f}x | {1e3 * t_frozen:.0f} | {t_frozen / t_float:.2f}x | {agreement:.2g} |", flush=True)
+        print(
+            f"| {preset} | {unfoldable} | {mode_text} | {1e3 * t_float:.0f} | {1e3 * t_int:.0f} | "
+            f"{t_int / t_float:.2f}x | {1e3 * t_frozen:.0f} | {t_frozen / t_float:.2f}x | {agreement:.2g} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

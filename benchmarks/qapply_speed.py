@@ -25,14 +25,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+from timing import interleaved_times
 
 import repquant_jax as repquant
 from repquant_zoo.models import bert, llama, vit
-from timing import interleaved_times
 
 
 def hlo_stats(compiled_text: str) -> str:
-    entry = compiled_text[compiled_text.index("\nENTRY"):]
+    entry = compiled_text[compiled_text.index("\nENTRY") :]
     kernels = len(re.findall(r"^\s*\S+ = \S+ fusion\(", entry, flags=re.M))
     return f"{kernels} kernels, {compiled_text.count('custom-call')} custom-calls"
 
@@ -60,24 +60,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    print(f"# qapply speed, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.devices()[0].platform} "
-          f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
-    print("| model | float (ms) | qapply W4A4 (ms) | ratio | frozen qapply (ms) | ratio | float HLO | qapply HLO "
-          "| frozen HLO |")
+    print(
+        f"# qapply speed, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind}), jax {jax.__version__}"
+    )
+    print(
+        "| model | float (ms) | qapply W4A4 (ms) | ratio | frozen qapply (ms) | ratio | float HLO | qapply HLO "
+        "| frozen HLO |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, apply_fn, params, inputs in models():
         qparams, qapply = repquant.transform(apply_fn, params, [inputs], repquant.presets.repq_vit(4, 4), verbose=False)
         forward = jax.jit(apply_fn)
         frozen = repquant.freeze(qapply, qparams, *inputs)
-        t_float, t_quant, t_frozen = (statistics.median(t) for t in interleaved_times(
-            [lambda: forward(params, *inputs), lambda: qapply(qparams, *inputs), lambda: qapply(frozen, *inputs)],
-            args.repeats,
-        ))
+        t_float, t_quant, t_frozen = (
+            statistics.median(t)
+            for t in interleaved_times(
+                [lambda: forward(params, *inputs), lambda: qapply(qparams, *inputs), lambda: qapply(frozen, *inputs)],
+                args.repeats,
+            )
+        )
         float_hlo = forward.lower(params, *inputs).compile().as_text()
         quant_hlo, frozen_hlo = (jax.jit(qapply._call).lower(q, *inputs).compile().as_text() for q in (qparams, frozen))
-        print(f"| {name} | {1e3 * t_float:.1f} | {1e3 * t_quant:.1f} | {t_quant / t_float:.2f}x | "
-              f"{1e3 * t_frozen:.1f} | {t_frozen / t_float:.2f}x | "
-              f"{hlo_stats(float_hlo)} | {hlo_stats(quant_hlo)} | {hlo_stats(frozen_hlo)} |", flush=True)
+        print(
+            f"| {name} | {1e3 * t_float:.1f} | {1e3 * t_quant:.1f} | {t_quant / t_float:.2f}x | "
+            f"{1e3 * t_frozen:.1f} | {t_frozen / t_float:.2f}x | "
+            f"{hlo_stats(float_hlo)} | {hlo_stats(quant_hlo)} | {hlo_stats(frozen_hlo)} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

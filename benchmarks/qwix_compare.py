@@ -80,17 +80,16 @@ from repquant_zoo.models import vit  # noqa: E402
 BITS = 8
 
 
-def top1_padded(forward: Callable[[jax.Array], jax.Array], images: np.ndarray, labels: np.ndarray,
-                batch: int) -> float:
+def top1_padded(forward: Callable[[jax.Array], jax.Array], images: np.ndarray, labels: np.ndarray, batch: int) -> float:
     """Top-1 (%) with every call on a ``[batch, ...]`` input (the last chunk zero-padded)."""
     correct = 0
     for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
+        chunk = images[start : start + batch]
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
         logits = np.asarray(forward(jnp.asarray(chunk)))[:n]
-        correct += int((logits.argmax(-1) == labels[start:start + n]).sum())
+        correct += int((logits.argmax(-1) == labels[start : start + n]).sum())
     return 100.0 * correct / len(images)
 
 
@@ -108,8 +107,9 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=0, help="first N test images (0: all 10,000)")
     parser.add_argument("--samples", type=int, default=32, help="calibration images")
     parser.add_argument("--seed", type=int, default=0, help="calibration draw seed")
-    parser.add_argument("--presets", nargs="+", default=["repq_vit", "minmax"],
-                        choices=["minmax", "percentile", "repq_vit", "repquant"])
+    parser.add_argument(
+        "--presets", nargs="+", default=["repq_vit", "minmax"], choices=["minmax", "percentile", "repq_vit", "repquant"]
+    )
     args = parser.parse_args()
     t_start = time.perf_counter()
 
@@ -120,24 +120,30 @@ def main() -> None:
     print(f"# W{BITS}A{BITS}: float vs qwix vs repquant-jax on the Fashion-MNIST ViT")
     print()
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"- machine: {platform.machine()}, {os.cpu_count()} CPU core(s), jax device: {dev.platform} "
-          f"({dev.device_kind}), load average at start {load}")
-    print(f"- jax {jax.__version__}, qwix {qwix.__version__}, repquant-jax {repquant.__version__}, "
-          f"Python {platform.python_version()}")
+    print(
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU core(s), jax device: {dev.platform} "
+        f"({dev.device_kind}), load average at start {load}"
+    )
+    print(
+        f"- jax {jax.__version__}, qwix {qwix.__version__}, repquant-jax {repquant.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
     apply_fn, variables, info = load_vit()
     module = vit.VisionTransformer(vit.get_config(info["config"]))
     images, labels = fashion_mnist_test()
     if args.eval_images:
-        images, labels = images[:args.eval_images], labels[:args.eval_images]
+        images, labels = images[: args.eval_images], labels[: args.eval_images]
     calib = calibration_draw(args.samples, args.seed)  # one batch of `samples` training images
     calib_batches = [(b,) for b in calib]
-    x_time = jax.device_put(jnp.asarray(images[:args.batch]))
-    print(f"- model: `{info['config']}`; calibration: {args.samples} training images "
-          f"(`calibration_draw({args.samples}, {args.seed})`), the same for every row; "
-          f"top-1 on {len(images):,} test images"
-          + (" (the full test set)" if len(images) == 10000 else f" (the first {len(images):,} of 10,000)")
-          + f"; timing: batch of {args.batch} images, {args.repeats} interleaved rounds")
+    x_time = jax.device_put(jnp.asarray(images[: args.batch]))
+    print(
+        f"- model: `{info['config']}`; calibration: {args.samples} training images "
+        f"(`calibration_draw({args.samples}, {args.seed})`), the same for every row; "
+        f"top-1 on {len(images):,} test images"
+        + (" (the full test set)" if len(images) == 10000 else f" (the first {len(images):,} of 10,000)")
+        + f"; timing: batch of {args.batch} images, {args.repeats} interleaved rounds"
+    )
     print(flush=True)
 
     # ------------------------------------------------------------------ candidates
@@ -158,9 +164,10 @@ def main() -> None:
         build_s[name] = time.perf_counter() - t
 
     float_jit = jax.jit(apply_fn)
-    add("float", lambda: (lambda x: float_jit(variables, x)))
+    add("float", lambda: lambda x: float_jit(variables, x))
 
     for label, static in (("qwix dynamic", False), ("qwix static", True)):
+
         def build_qwix(static=static, label=label):
             qapply, n = qwix_ptq(module, variables, calib_batches, w_bits=BITS, a_bits=BITS, static=static)
             notes.append(f"{label} (`qwix_ptq` notes): " + "; ".join(n))
@@ -187,8 +194,10 @@ def main() -> None:
         def build_integer(preset=preset, state=state):
             exported = rqe.export(state["qparams"], state["qapply"], x_time)
             modes = rqe.matmul_modes(exported, x_time)
-            notes.append(f"{preset} integer: matmul sites by mode: {mode_counts(modes)}; "
-                         + ", ".join(f"`{k}` {v}" for k, v in modes.items() if v != "int8"))
+            notes.append(
+                f"{preset} integer: matmul sites by mode: {mode_counts(modes)}; "
+                + ", ".join(f"`{k}` {v}" for k, v in modes.items() if v != "int8")
+            )
             return lambda x: rqe.integer_apply(exported, x)
 
         if f"{preset} qapply" in failed:
@@ -214,8 +223,12 @@ def main() -> None:
             failed[name] = f"fails: {short_reason(e)}"
             forwards.pop(name)
         eval_s[name] = time.perf_counter() - t
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: build {build_s[name]:.1f}s, top-1 "
-              f"{acc.get(name, float('nan')):.2f}% ({eval_s[name]:.1f}s)", file=sys.stderr, flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {name}: build {build_s[name]:.1f}s, top-1 "
+            f"{acc.get(name, float('nan')):.2f}% ({eval_s[name]:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # ------------------------------------------------------------------ timing, interleaved
     times: dict[str, list[float]] = {name: [] for name in forwards}
@@ -244,12 +257,23 @@ def main() -> None:
         ts = times[name]
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         delta = "" if float_acc is None else f"{acc[name] - float_acc:+.2f}"
-        ratio = ("" if float_times is None
-                 else f"{statistics.median(t / f for t, f in zip(ts, float_times)):.2f}x")
-        table.append([name, f"{acc[name]:.2f}", delta, f"{1e3 * statistics.median(ts):.1f}",
-                      f"{1e3 * q[0]:.1f}–{1e3 * q[2]:.1f}", ratio, f"{build_s[name]:.1f}"])
-    print(markdown_table(["row", "top-1 (%)", "Δ vs float (pp)", "median (ms)", "p25–p75 (ms)",
-                          "ratio vs float", "build (s)"], table))
+        ratio = "" if float_times is None else f"{statistics.median(t / f for t, f in zip(ts, float_times)):.2f}x"
+        table.append(
+            [
+                name,
+                f"{acc[name]:.2f}",
+                delta,
+                f"{1e3 * statistics.median(ts):.1f}",
+                f"{1e3 * q[0]:.1f}–{1e3 * q[2]:.1f}",
+                ratio,
+                f"{build_s[name]:.1f}",
+            ]
+        )
+    print(
+        markdown_table(
+            ["row", "top-1 (%)", "Δ vs float (pp)", "median (ms)", "p25–p75 (ms)", "ratio vs float", "build (s)"], table
+        )
+    )
     print()
     for n in notes:
         print(f"- {n}")

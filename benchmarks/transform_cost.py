@@ -17,11 +17,10 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
+from timing import median_time
 
 import repquant_jax as repquant
 from repquant_zoo.models import vit
-from timing import median_time
 
 
 def main() -> None:
@@ -44,8 +43,10 @@ def main() -> None:
     forward = jax.jit(apply_fn)
     forward_s = median_time(lambda: forward(params, images))
 
-    print(f"# transform cost, {time.strftime('%Y-%m-%d')}, {platform.machine()} {jax.devices()[0].platform}, "
-          f"{jax.device_count()} device(s), jax {jax.__version__}")
+    print(
+        f"# transform cost, {time.strftime('%Y-%m-%d')}, {platform.machine()} {jax.devices()[0].platform}, "
+        f"{jax.device_count()} device(s), jax {jax.__version__}"
+    )
     print(f"model: ViT-S/16 depth {args.depth}, {args.samples} calibration images, W{args.bits}A{args.bits}")
     print(f"trace + analysis: {trace_s:.2f} s ({plan.summary()})")
     print(f"float forward of the calibration batch (jit, median of 5): {forward_s:.3f} s")

@@ -54,8 +54,14 @@ def run_one(args: argparse.Namespace) -> None:
     import repquant_jax as repquant
     from repquant_zoo.models import vit
 
-    config = vit.ViTConfig(image_size=args.image_size, patch_size=args.patch, dim=args.dim,
-                           num_heads=args.heads, depth=args.depth, num_classes=1000)
+    config = vit.ViTConfig(
+        image_size=args.image_size,
+        patch_size=args.patch,
+        dim=args.dim,
+        num_heads=args.heads,
+        depth=args.depth,
+        num_classes=1000,
+    )
     model = vit.VisionTransformer(config)
     images = jax.random.normal(jax.random.key(0), (args.samples, args.image_size, args.image_size, 3))
     params = model.init(jax.random.key(1), images[:1])
@@ -75,17 +81,44 @@ def run_one(args: argparse.Namespace) -> None:
     qparams, _ = repquant.transform(apply_fn, params, [images], preset, verbose=False)
     jax.block_until_ready(jax.tree_util.tree_leaves(qparams))
     elapsed = time.perf_counter() - start
-    print(json.dumps({
-        "preset": args.preset, "depth": args.depth, "samples": args.samples,
-        "transform_s": elapsed, "peak_rss_mb": _maxrss_mb(), "pre_rss_mb": before_mb,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "depth": args.depth,
+                "samples": args.samples,
+                "transform_s": elapsed,
+                "peak_rss_mb": _maxrss_mb(),
+                "pre_rss_mb": before_mb,
+            }
+        ),
+        flush=True,
+    )
 
 
 def measure(args: argparse.Namespace, preset: str, depth: int, samples: int) -> dict:
     """Parent: runs one configuration in a fresh interpreter and parses its JSON line."""
-    cmd = [sys.executable, __file__, "--one", "--preset", preset, "--depth", str(depth),
-           "--samples", str(samples), "--bits", str(args.bits), "--dim", str(args.dim),
-           "--heads", str(args.heads), "--image-size", str(args.image_size), "--patch", str(args.patch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        "--preset",
+        preset,
+        "--depth",
+        str(depth),
+        "--samples",
+        str(samples),
+        "--bits",
+        str(args.bits),
+        "--dim",
+        str(args.dim),
+        "--heads",
+        str(args.heads),
+        "--image-size",
+        str(args.image_size),
+        "--patch",
+        str(args.patch),
+    ]
     if args.clip_steps is not None:
         cmd += ["--clip-steps", str(args.clip_steps)]
     if args.recon_steps is not None:
@@ -100,8 +133,12 @@ def measure(args: argparse.Namespace, preset: str, depth: int, samples: int) -> 
     else:
         tail = "\n".join(proc.stderr.splitlines()[-20:])
         raise RuntimeError(f"{preset} depth {depth} samples {samples} failed (rc {proc.returncode}):\n{tail}")
-    print(f"  {preset:9s} depth {depth:3d} samples {samples:4d}: transform {result['transform_s']:7.1f} s, "
-          f"peak RSS {result['peak_rss_mb']:6.0f} MB (process {wall:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"  {preset:9s} depth {depth:3d} samples {samples:4d}: transform {result['transform_s']:7.1f} s, "
+        f"peak RSS {result['peak_rss_mb']:6.0f} MB (process {wall:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
@@ -117,7 +154,8 @@ def table(rows: list[dict], axis: str) -> list[str]:
             f"| {r['preset']} | {r['depth']} | {r['samples']} | {r['transform_s']:.1f} "
             f"| {r['transform_s'] / r[axis]:.2f} | {r['transform_s'] / base['transform_s']:.2f}x "
             f"| {r[axis] / base[axis]:g}x | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x "
-            f"| {added:.0f} | {added_ratio} |")
+            f"| {added:.0f} | {added_ratio} |"
+        )
     return out
 
 
@@ -133,10 +171,12 @@ def main() -> None:
     parser.add_argument("--depth-sweep-samples", type=int, default=32)
     parser.add_argument("--sample-counts", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--sample-sweep-depth", type=int, default=12)
-    parser.add_argument("--clip-steps", type=int, default=None,
-                        help="repquant DualClipping steps (preset default if unset)")
-    parser.add_argument("--recon-steps", type=int, default=None,
-                        help="repquant Reconstruction steps (preset default if unset)")
+    parser.add_argument(
+        "--clip-steps", type=int, default=None, help="repquant DualClipping steps (preset default if unset)"
+    )
+    parser.add_argument(
+        "--recon-steps", type=int, default=None, help="repquant Reconstruction steps (preset default if unset)"
+    )
     # Child mode: one configuration.
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -176,23 +216,29 @@ def main() -> None:
             results[key] = measure(args, preset, depth, samples)
         return results[key]
 
-    columns = ("| preset | depth | samples | transform (s) | {per} | time ratio | ideal | peak RSS (MB) "
-               "| RSS ratio | added by transform (MB) | added ratio |")
+    columns = (
+        "| preset | depth | samples | transform (s) | {per} | time ratio | ideal | peak RSS (MB) "
+        "| RSS ratio | added by transform (MB) | added ratio |"
+    )
     rule = "|---|---|---|---|---|---|---|---|---|---|---|"
     depth_lines, sample_lines = [], []
     for preset in args.presets:
         depth_lines += table([get(preset, d, args.depth_sweep_samples) for d in args.depths], "depth")
         sample_lines += table([get(preset, args.sample_sweep_depth, n) for n in args.sample_counts], "samples")
 
-    for title, per, lines in ((f"vs depth ({args.depth_sweep_samples} calibration images)", "s / layer", depth_lines),
-                              (f"vs calibration images (depth {args.sample_sweep_depth})", "s / sample", sample_lines)):
+    for title, per, lines in (
+        (f"vs depth ({args.depth_sweep_samples} calibration images)", "s / layer", depth_lines),
+        (f"vs calibration images (depth {args.sample_sweep_depth})", "s / sample", sample_lines),
+    ):
         print(f"\n## {title}\n")
         print(columns.format(per=per))
         print(rule)
         print("\n".join(lines))
     print()
-    print("Ratios are to the sweep's smallest configuration of the same preset; 'ideal' is linear growth. "
-          "'added by transform' is the peak RSS minus the peak before transform (runtime, parameters, images).")
+    print(
+        "Ratios are to the sweep's smallest configuration of the same preset; 'ideal' is linear growth. "
+        "'added by transform' is the peak RSS minus the peak before transform (runtime, parameters, images)."
+    )
     print(f"total benchmark time: {time.perf_counter() - total_start:.0f} s")
 
 

@@ -15,9 +15,19 @@ import argparse
 import time
 
 import jax.numpy as jnp
-
-from common import (CHECKPOINT, RESULTS, calibration_draw, fashion_mnist_test, float_top1, load_vit, log, machine,
-                    markdown_table, mean_std, top1)
+from common import (
+    CHECKPOINT,
+    RESULTS,
+    calibration_draw,
+    fashion_mnist_test,
+    float_top1,
+    load_vit,
+    log,
+    machine,
+    markdown_table,
+    mean_std,
+    top1,
+)
 
 import repquant_jax as repquant
 from repquant_jax._src.diagnostics import channel_range_profile, inject_outliers
@@ -78,22 +88,22 @@ def main() -> None:
             log(f"{model_name} W4A4 {label}: {acc}")
             component_rows.append([model_name, label, acc])
 
-    profile_rows = [
-        [name] + [f"{v:.1f}" for v in profile.values()] for name, profile in profiles.items()
-    ]
-    text = "\n\n".join([
-        "# Ablation on the Fashion-MNIST ViT",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `python experiments/ablation_vit.py "
-        f"--draws {args.draws} --samples {args.samples}` ({(time.perf_counter() - start) / 60:.0f} min). "
-        f"Model: `{info['config']}` ({info.get('test_accuracy', '?')} test accuracy at training). "
-        f"Top-1 (%) on the 10k test set; mean ± std over {args.draws} draws of {args.samples} calibration "
-        "images. The stress rows are SYNTHETIC: 4 channels of every LayerNorm scaled ×"
-        f"{args.factor:g} and the following kernel rows divided by it (same float function).",
-        "## Methods\n\n" + markdown_table(["model", "method", "W4A4", "W6A6"], main_rows),
-        "## Components (W4A4)\n\n" + markdown_table(["model", "configuration", "W4A4"], component_rows),
-        "## LayerNorm-output channel range (max / median), 500 test images\n\n"
-        + markdown_table(["model"] + list(next(iter(profiles.values()))), profile_rows),
-    ])
+    profile_rows = [[name] + [f"{v:.1f}" for v in profile.values()] for name, profile in profiles.items()]
+    text = "\n\n".join(
+        [
+            "# Ablation on the Fashion-MNIST ViT",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `python experiments/ablation_vit.py "
+            f"--draws {args.draws} --samples {args.samples}` ({(time.perf_counter() - start) / 60:.0f} min). "
+            f"Model: `{info['config']}` ({info.get('test_accuracy', '?')} test accuracy at training). "
+            f"Top-1 (%) on the 10k test set; mean ± std over {args.draws} draws of {args.samples} calibration "
+            "images. The stress rows are SYNTHETIC: 4 channels of every LayerNorm scaled ×"
+            f"{args.factor:g} and the following kernel rows divided by it (same float function).",
+            "## Methods\n\n" + markdown_table(["model", "method", "W4A4", "W6A6"], main_rows),
+            "## Components (W4A4)\n\n" + markdown_table(["model", "configuration", "W4A4"], component_rows),
+            "## LayerNorm-output channel range (max / median), 500 test images\n\n"
+            + markdown_table(["model"] + list(next(iter(profiles.values()))), profile_rows),
+        ]
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
     print(text)

@@ -52,7 +52,10 @@ def calibration_draw(num_samples: int, seed: int) -> list[np.ndarray]:
     train = fashion_mnist.load("train")
     return list(
         data_batches.calibration_batches(
-            train, num_samples=num_samples, batch_size=num_samples, seed=seed,
+            train,
+            num_samples=num_samples,
+            batch_size=num_samples,
+            seed=seed,
             preprocess=data_batches.fashion_mnist_preprocess,
         )
     )
@@ -62,8 +65,8 @@ def top1(apply: Callable[[np.ndarray], Any], images: np.ndarray, labels: np.ndar
     """Top-1 accuracy in percent of ``apply(images) -> logits``."""
     correct = 0
     for start in range(0, len(images), batch):
-        logits = np.asarray(apply(images[start:start + batch]))
-        correct += int((logits.argmax(-1) == labels[start:start + batch]).sum())
+        logits = np.asarray(apply(images[start : start + batch]))
+        correct += int((logits.argmax(-1) == labels[start : start + batch]).sum())
     return 100.0 * correct / len(images)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import jax.numpy as jnp
-
 from common import calibration_draw, fashion_mnist_test, float_top1, load_vit, log, markdown_table, top1
 
 import repquant_jax as repquant

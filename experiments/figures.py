@@ -118,8 +118,9 @@ class RangePanel:
         }
 
 
-def ln_range_panel(apply_fn: Callable[..., Any], params: Any, calib: list[np.ndarray], point: str,
-                   bits: int, label: str) -> RangePanel:
+def ln_range_panel(
+    apply_fn: Callable[..., Any], params: Any, calib: list[np.ndarray], point: str, bits: int, label: str
+) -> RangePanel:
     """Computes one `RangePanel`: two transforms (folded and unfolded repq_vit) and two traces.
 
     Args:
@@ -134,20 +135,27 @@ def ln_range_panel(apply_fn: Callable[..., Any], params: Any, calib: list[np.nda
     from repquant_jax._src import calibration
 
     folded, _ = repquant.transform(apply_fn, params, calib, repquant.presets.repq_vit(bits, bits), verbose=False)
-    unfolded, _ = repquant.transform(apply_fn, params, calib, repquant.presets.repq_vit(bits, bits, fold_norms=False),
-                                     verbose=False)
+    unfolded, _ = repquant.transform(
+        apply_fn, params, calib, repquant.presets.repq_vit(bits, bits, fold_norms=False), verbose=False
+    )
     channel_qp, tensor_qp = unfolded.activations[point], folded.activations[point]
     if channel_qp.axis is None or tensor_qp.axis is not None:
-        raise ValueError(f"{point}: expected a per-channel quantizer folded to per tensor, got "
-                         f"axis {channel_qp.axis} (unfolded) and {tensor_qp.axis} (folded)")
+        raise ValueError(
+            f"{point}: expected a per-channel quantizer folded to per tensor, got "
+            f"axis {channel_qp.axis} (unfolded) and {tensor_qp.axis} (folded)"
+        )
     batch = np.concatenate(calib)
     x = point_values(apply_fn, params, batch, names=[point])[point]
     x_folded = point_values(apply_fn, folded.params, batch, names=[point])[point]
     per_tensor = calibration.search_uniform(x, bits)
     return RangePanel(
-        label=label, before=channel_ranges(x), after=channel_ranges(x_folded),
-        channel_scale=np.asarray(channel_qp.scale, np.float64), tensor_scale=float(tensor_qp.scale),
-        per_tensor_scale=float(per_tensor.scale), bits=bits,
+        label=label,
+        before=channel_ranges(x),
+        after=channel_ranges(x_folded),
+        channel_scale=np.asarray(channel_qp.scale, np.float64),
+        tensor_scale=float(tensor_qp.scale),
+        per_tensor_scale=float(per_tensor.scale),
+        bits=bits,
     )
 
 
@@ -166,21 +174,41 @@ def plot_ln_channel_ranges(panels: Sequence[RangePanel], out: Path, title: str =
     for row, panel in zip(axes, panels):
         levels = 2**panel.bits - 1
         channels = np.arange(len(panel.before))
-        top = 1.6 * max(panel.before.max(), panel.after.max(), panel.channel_scale.max() * levels,
-                         panel.per_tensor_scale * levels if panel.per_tensor_scale else 0.0)
+        top = 1.6 * max(
+            panel.before.max(),
+            panel.after.max(),
+            panel.channel_scale.max() * levels,
+            panel.per_tensor_scale * levels if panel.per_tensor_scale else 0.0,
+        )
         r = panel.ratios()
         ax = row[0]
         ax.bar(channels, panel.before, width=1.0, color="tab:blue", alpha=0.75, label="channel range (max − min)")
-        ax.plot(channels, panel.channel_scale * levels, ".", color="black", ms=3,
-                label=f"per-channel quantizer range $s_c(2^{{{panel.bits}}}-1)$")
+        ax.plot(
+            channels,
+            panel.channel_scale * levels,
+            ".",
+            color="black",
+            ms=3,
+            label=f"per-channel quantizer range $s_c(2^{{{panel.bits}}}-1)$",
+        )
         if panel.per_tensor_scale:
-            ax.axhline(panel.per_tensor_scale * levels, color="tab:purple", ls="--", lw=1.2,
-                       label=f"per-tensor {panel.bits}-bit range (no fold)")
+            ax.axhline(
+                panel.per_tensor_scale * levels,
+                color="tab:purple",
+                ls="--",
+                lw=1.2,
+                label=f"per-tensor {panel.bits}-bit range (no fold)",
+            )
         ax.set_title(f"{panel.label}: before the fold (max/median {r['before max/median']:.1f})")
         ax = row[1]
         ax.bar(channels, panel.after, width=1.0, color="tab:orange", alpha=0.75, label="channel range (max − min)")
-        ax.axhline(panel.tensor_scale * levels, color="black", ls="--", lw=1.2,
-                   label=f"folded per-tensor range $\\tilde s(2^{{{panel.bits}}}-1)$")
+        ax.axhline(
+            panel.tensor_scale * levels,
+            color="black",
+            ls="--",
+            lw=1.2,
+            label=f"folded per-tensor range $\\tilde s(2^{{{panel.bits}}}-1)$",
+        )
         ax.set_title(f"{panel.label}: after the fold (max/median {r['after max/median']:.1f})")
         for ax in row:
             ax.set_ylim(0, top)
@@ -227,7 +255,9 @@ def quantizer_levels(qp: Any, values: np.ndarray) -> QuantizerLevels:
     fq = np.asarray(qz.fake_quant(jnp.asarray(values, jnp.float32), qp), np.float64)
     positive = values > 0
     return QuantizerLevels(
-        levels=np.unique(levels), scale=float(qp.scale), mse=float(np.mean((fq - values) ** 2)),
+        levels=np.unique(levels),
+        scale=float(qp.scale),
+        mse=float(np.mean((fq - values) ** 2)),
         zero_fraction=float(np.mean(fq[positive] == 0)) if positive.any() else 0.0,
     )
 
@@ -245,8 +275,9 @@ def softmax_quantizers(values: np.ndarray, bits: int) -> dict[str, QuantizerLeve
     return {name: quantizer_levels(qp, flat) for name, qp in fitted.items()}
 
 
-def plot_softmax_levels(values: np.ndarray, quantizers: Mapping[str, QuantizerLevels], bits: int, out: Path,
-                        title: str = "") -> Path:
+def plot_softmax_levels(
+    values: np.ndarray, quantizers: Mapping[str, QuantizerLevels], bits: int, out: Path, title: str = ""
+) -> Path:
     """Histogram of softmax values (log x) above rug rows of each quantizer's levels.
 
     Args:
@@ -271,11 +302,22 @@ def plot_softmax_levels(values: np.ndarray, quantizers: Mapping[str, QuantizerLe
     ax.set_ylabel("count")
     n_zero = int(v.size - positive.size)
     ax.set_title(title or "softmax values", fontsize=11)
-    ax.text(0.01, 0.96, f"{v.size:,} values" + (f" ({n_zero:,} exactly 0, not shown)" if n_zero else ""),
-            transform=ax.transAxes, va="top", fontsize=9)
+    ax.text(
+        0.01,
+        0.96,
+        f"{v.size:,} values" + (f" ({n_zero:,} exactly 0, not shown)" if n_zero else ""),
+        transform=ax.transAxes,
+        va="top",
+        fontsize=9,
+    )
     for name, q in quantizers.items():
-        ax.axvline(q.levels.max(), color=QUANTIZER_COLORS.get(name, "black"), ls=":", lw=1.4,
-                   label=f"{name}: largest level {q.levels.max():.3g}")
+        ax.axvline(
+            q.levels.max(),
+            color=QUANTIZER_COLORS.get(name, "black"),
+            ls=":",
+            lw=1.4,
+            label=f"{name}: largest level {q.levels.max():.3g}",
+        )
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), fontsize=8, title="values above clip to", title_fontsize=8)
     labels = []
     for row, (name, q) in enumerate(quantizers.items()):
@@ -287,8 +329,10 @@ def plot_softmax_levels(values: np.ndarray, quantizers: Mapping[str, QuantizerLe
     rug.set_ylim(-0.6, len(labels) - 0.4)
     rug.invert_yaxis()
     rug.set_xlabel("attention probability (log scale)")
-    rug.set_title(f"{bits}-bit nonzero levels (each quantizer also has the level 0; "
-                  "log kinds reserve their top code for it)", fontsize=9)
+    rug.set_title(
+        f"{bits}-bit nonzero levels (each quantizer also has the level 0; log kinds reserve their top code for it)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _save(fig, out)
 
@@ -391,23 +435,33 @@ def plot_accuracy_vs_bits(tables: Mapping[str, ModelTable], out: Path, title: st
             if not xs:
                 continue
             ls = "-" if method in METHOD_COLORS else "--"
-            handle = ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, lw=1.3, ls=ls,
-                                 color=colors[method], label=method)
+            handle = ax.errorbar(
+                xs, ys, yerr=es, marker="o", ms=4, capsize=3, lw=1.3, ls=ls, color=colors[method], label=method
+            )
             legend.setdefault(method, handle)
         float_cells = [c for c in table.rows.get("float", []) if c]
         if float_cells:
             value = float_cells[0][0]
             legend.setdefault("float", ax.axhline(value, color="black", ls=":", lw=1.4, label="float"))
-            ax.annotate(f"float {value:g}", (0.0, value), xycoords=("axes fraction", "data"), xytext=(3, 3),
-                        textcoords="offset points", ha="left", va="bottom", fontsize=8)
+            ax.annotate(
+                f"float {value:g}",
+                (0.0, value),
+                xycoords=("axes fraction", "data"),
+                xytext=(3, 3),
+                textcoords="offset points",
+                ha="left",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_xticks(table.bits, [f"W{b}A{b}" for b in table.bits])
         lower = any(key in table.metric.lower() for key in LOWER_IS_BETTER)
         ax.set_ylabel(f"{table.metric} ({'lower' if lower else 'higher'} is better)")
         ax.set_xlabel("bit width (weights / activations)")
         ax.set_title(table.model)
         ax.grid(alpha=0.3)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 5), fontsize=8,
-               frameon=False)
+    fig.legend(
+        list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 5), fontsize=8, frameon=False
+    )
     if title:
         fig.suptitle(title, fontsize=11)
     rows = math.ceil(len(legend) / 5)
@@ -420,7 +474,8 @@ def load_ptq_table(path: Path) -> dict[str, ModelTable]:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist: run `python experiments/ptq_table.py` first, or pass "
-            "--table with another table it wrote")
+            "--table with another table it wrote"
+        )
     tables = parse_ptq_table(path.read_text())
     if not tables:
         raise ValueError(f"{path}: no '## model' section with a '| method | W.. |' table")
@@ -466,33 +521,53 @@ def main() -> None:
     panels = []
     for label, params in (("natural", variables), (f"stress ×{args.factor:g} (SYNTHETIC)", stressed)):
         panel = ln_range_panel(apply_fn, params, calib, point, args.bits, label)
-        log(f"{label}: channel range max {panel.before.max():.2f} / median {np.median(panel.before):.2f} before the "
+        log(
+            f"{label}: channel range max {panel.before.max():.2f} / median {np.median(panel.before):.2f} before the "
             f"fold, max {panel.after.max():.2f} / median {np.median(panel.after):.2f} after; "
             f"s̃·(2^b-1) = {panel.tensor_scale * (2**args.bits - 1):.2f}, per-tensor (no fold) "
-            f"{panel.per_tensor_scale * (2**args.bits - 1):.2f}; {panel.ratios()}")
+            f"{panel.per_tensor_scale * (2**args.bits - 1):.2f}; {panel.ratios()}"
+        )
         panels.append(panel)
-    written = [plot_ln_channel_ranges(
-        panels, out_dir / "ln_channel_ranges.png",
-        title=f"Fashion-MNIST ViT ({info['config']}), blocks_{args.norm_block}.norm1 output (input of q/k/v), "
-              f"{args.samples} calibration images × {vit.get_config(info['config']).num_tokens} tokens;\n"
-              f"fold of repquant_jax._src.transform(..., presets.repq_vit({args.bits}, {args.bits}))")]
+    written = [
+        plot_ln_channel_ranges(
+            panels,
+            out_dir / "ln_channel_ranges.png",
+            title=f"Fashion-MNIST ViT ({info['config']}), blocks_{args.norm_block}.norm1 output (input of q/k/v), "
+            f"{args.samples} calibration images × {vit.get_config(info['config']).num_tokens} tokens;\n"
+            f"fold of repquant_jax._src.transform(..., presets.repq_vit({args.bits}, {args.bits}))",
+        )
+    ]
 
     sm_point = softmax_point(apply_fn, variables, calib, args.softmax_block)
     values = point_values(apply_fn, variables, np.concatenate(calib), names=[sm_point])[sm_point]
     quantizers = softmax_quantizers(values, args.bits)
     for name, q in quantizers.items():
-        log(f"softmax {name}: s={q.scale:.4g} MSE={q.mse:.3e} zero fraction={q.zero_fraction:.3f} "
-            f"smallest level {q.levels[q.levels > 0].min():.3g}")
-    written.append(plot_softmax_levels(
-        values, quantizers, args.bits, out_dir / "softmax_levels.png",
-        title=f"Attention probabilities of blocks_{args.softmax_block} (all heads, {args.samples} calibration images)\n"
-              f"and the {args.bits}-bit levels of the quantizers fitted to them by repquant_jax._src.calibration"))
+        log(
+            f"softmax {name}: s={q.scale:.4g} MSE={q.mse:.3e} zero fraction={q.zero_fraction:.3f} "
+            f"smallest level {q.levels[q.levels > 0].min():.3g}"
+        )
+    written.append(
+        plot_softmax_levels(
+            values,
+            quantizers,
+            args.bits,
+            out_dir / "softmax_levels.png",
+            title=f"Attention probabilities of blocks_{args.softmax_block} (all heads, {args.samples} calibration images)\n"
+            f"and the {args.bits}-bit levels of the quantizers fitted to them by repquant_jax._src.calibration",
+        )
+    )
 
-    written.append(plot_accuracy_vs_bits(
-        tables, out_dir / "accuracy_vs_bits.png",
-        title=f"PTQ: first metric vs bit width (from {table_path.name}; mean ± std over calibration draws)"))
-    log(f"wrote {', '.join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in written)} "
-        f"in {time.perf_counter() - start:.0f} s")
+    written.append(
+        plot_accuracy_vs_bits(
+            tables,
+            out_dir / "accuracy_vs_bits.png",
+            title=f"PTQ: first metric vs bit width (from {table_path.name}; mean ± std over calibration draws)",
+        )
+    )
+    log(
+        f"wrote {', '.join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in written)} "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
-
 from common import RESULTS, log, machine, markdown_table
 
 import repquant_jax as repquant
@@ -70,8 +69,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 METHODS = tuple(repquant.presets.__all__)
 #: Paper top-1 (%) (docs/reference_numbers.md) by config: {(method, bits): top-1}, bits 32 = float.
 PAPER_TOP1: dict[str, dict[tuple[str, int], float]] = {
-    name: {("float", 32): f, ("repq_vit", 4): r4, ("repquant", 4): q4, ("repq_vit", 6): r6,
-           ("repquant", 6): q6}
+    name: {("float", 32): f, ("repq_vit", 4): r4, ("repquant", 4): q4, ("repq_vit", 6): r6, ("repquant", 6): q6}
     for name, (f, r4, q4, r6, q6) in {
         "vit_s16": (81.39, 65.05, 73.28, 80.43, 80.51),
         "vit_b16": (84.54, 68.48, 77.84, 83.62, 83.75),
@@ -105,9 +103,7 @@ def _read_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(vit.ViTConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise SystemExit(
-            f"--config-json {path}: unknown ViTConfig fields {unknown}; known: {sorted(known)}"
-        )
+        raise SystemExit(f"--config-json {path}: unknown ViTConfig fields {unknown}; known: {sorted(known)}")
     return fields
 
 
@@ -132,9 +128,7 @@ def resolve_model(model: str | None, config_json: str | None) -> tuple[str | Non
     return name, vit.get_config(name, **overrides)
 
 
-def load_model(
-    checkpoint: str | os.PathLike[str], config: vit.ViTConfig
-) -> tuple[Callable[..., Any], Any]:
+def load_model(checkpoint: str | os.PathLike[str], config: vit.ViTConfig) -> tuple[Callable[..., Any], Any]:
     """``(apply_fn, variables)`` of the timm-layout safetensors ``checkpoint``."""
     path = Path(checkpoint)
     if not path.is_file():
@@ -199,12 +193,10 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     if h < size or w < size:
         raise ValueError(f"cannot center-crop {size}x{size} from a {h}x{w} image")
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
-def make_preprocess(
-    image_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]
-) -> Preprocess:
+def make_preprocess(image_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]) -> Preprocess:
     """timm's eval transform as a function of one decoded image → float32 ``[S, S, 3]``.
 
     Args:
@@ -258,8 +250,7 @@ def open_split(data_dir: str | os.PathLike[str], split: str) -> Any:
         return tfds.data_source(DATASET, split=split, data_dir=os.fspath(root), download=False)
     except Exception as e:  # TFDS raises several types (NotImplementedError, ValueError, ...)
         found = _prepared_versions(root)
-        where = (f"found {', '.join(str(p) for p in found)}" if found
-                 else f"no prepared {DATASET} under it")
+        where = f"found {', '.join(str(p) for p in found)}" if found else f"no prepared {DATASET} under it"
         raise SystemExit(
             f"cannot open TFDS {DATASET} split {split!r} in --data-dir {data_dir} ({where}): "
             f"{type(e).__name__}: {e}\nPrepare it once (needs TensorFlow) with: tfds build "
@@ -332,8 +323,10 @@ def quant_config(method: str, bits: int, repquant_steps: int | None) -> repquant
     """The preset ``method`` at W``bits``A``bits`` (repquant's learning steps overridable)."""
     overrides: dict[str, Any] = {}
     if method == "repquant" and repquant_steps is not None:
-        overrides = dict(dual_clipping=repquant.DualClipping(steps=repquant_steps),
-                         reconstruction=repquant.Reconstruction(steps=repquant_steps))
+        overrides = dict(
+            dual_clipping=repquant.DualClipping(steps=repquant_steps),
+            reconstruction=repquant.Reconstruction(steps=repquant_steps),
+        )
     return getattr(repquant.presets, method)(bits, bits, **overrides)
 
 
@@ -363,9 +356,7 @@ def quantize_all(
         for b in bits:
             t0 = time.perf_counter()
             log(f"{method} W{b}A{b}: calibrating on {sum(len(x[0]) for x in calib)} images")
-            qparams, qapply = repquant.transform(
-                apply_fn, variables, calib, quant_config(method, b, repquant_steps)
-            )
+            qparams, qapply = repquant.transform(apply_fn, variables, calib, quant_config(method, b, repquant_steps))
             forwards[(method, b)] = lambda x, qp=qparams, qa=qapply: qa(qp, x)
             log(f"{method} W{b}A{b}: transform done ({time.perf_counter() - t0:.0f} s)")
     return forwards
@@ -415,9 +406,7 @@ def evaluate_all(
 # Report
 
 
-def results_table(
-    top1: dict[tuple[str, int], float], paper: dict[tuple[str, int], float] | None
-) -> str:
+def results_table(top1: dict[tuple[str, int], float], paper: dict[tuple[str, int], float] | None) -> str:
     """Markdown table: method, W/A, top-1, difference to float, and the paper's top-1."""
     float_acc = top1[("float", 32)]
     rows = []
@@ -428,14 +417,24 @@ def results_table(
     return markdown_table(["method", "W/A", "top-1 (%)", "vs float", "paper (%)"], rows)
 
 
-def describe(args: argparse.Namespace, name: str | None, config: vit.ViTConfig,
-             normalization: str, num_eval: int, num_val: int, minutes: float) -> str:
+def describe(
+    args: argparse.Namespace,
+    name: str | None,
+    config: vit.ViTConfig,
+    normalization: str,
+    num_eval: int,
+    num_val: int,
+    minutes: float,
+) -> str:
     """The settings paragraph above the table (no machine paths: checkpoint file name only)."""
     model = f"`{name}`" + (f" (timm `{vit.TIMM_NAMES[name]}`)" if name in vit.TIMM_NAMES else "")
     if name is None:
         model = f"custom `{config}`"
-    steps = ("" if args.repquant_steps is None
-             else f"; repquant with {args.repquant_steps} DualClipping and Reconstruction steps")
+    steps = (
+        ""
+        if args.repquant_steps is None
+        else f"; repquant with {args.repquant_steps} DualClipping and Reconstruction steps"
+    )
     return (
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()} in {minutes:.1f} min. "
         f"Model {model}, checkpoint `{Path(args.checkpoint).name}`. TFDS `{DATASET}` validation: "
@@ -453,28 +452,34 @@ def describe(args: argparse.Namespace, name: str | None, config: vit.ViTConfig,
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True,
-                   help=f"TFDS data folder holding {DATASET} prepared as array_record")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help=f"TFDS data folder holding {DATASET} prepared as array_record")
     p.add_argument("--checkpoint", required=True, help="timm-layout .safetensors file")
-    p.add_argument("--model", default=None,
-                   help="vit.py config (deit_s16) or timm name (deit_small_patch16_224)")
-    p.add_argument("--config-json", default=None,
-                   help="JSON object of ViTConfig fields (alone, or overriding --model's)")
+    p.add_argument("--model", default=None, help="vit.py config (deit_s16) or timm name (deit_small_patch16_224)")
+    p.add_argument(
+        "--config-json", default=None, help="JSON object of ViTConfig fields (alone, or overriding --model's)"
+    )
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["repq_vit", "repquant"])
     p.add_argument("--bits", nargs="+", type=int, default=[4, 6], help="W = A bit widths")
     p.add_argument("--calib-samples", type=int, default=32, help="random train images")
-    p.add_argument("--eval-samples", type=int, default=None,
-                   help="first N validation images (default: all)")
+    p.add_argument("--eval-samples", type=int, default=None, help="first N validation images (default: all)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input size (default and only valid value: the model config's)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="input size (default and only valid value: the model config's)"
+    )
     p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--normalization", choices=["auto", *NORMALIZATIONS], default="auto",
-                   help="mean/std: auto = inception for vit* names, imagenet otherwise")
-    p.add_argument("--repquant-steps", type=int, default=None,
-                   help="steps of repquant's DualClipping and Reconstruction (default: preset's)")
+    p.add_argument(
+        "--normalization",
+        choices=["auto", *NORMALIZATIONS],
+        default="auto",
+        help="mean/std: auto = inception for vit* names, imagenet otherwise",
+    )
+    p.add_argument(
+        "--repquant-steps",
+        type=int,
+        default=None,
+        help="steps of repquant's DualClipping and Reconstruction (default: preset's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration draw")
     p.add_argument("--out", default=str(RESULTS / "imagenet_ptq.md"))
     return p.parse_args(argv)
@@ -486,33 +491,38 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[str, int], float]:
     start = time.perf_counter()
     name, config = resolve_model(args.model, args.config_json)
     if args.image_size is not None and args.image_size != config.image_size:
-        raise SystemExit(f"--image-size {args.image_size} differs from the model's "
-                         f"image_size {config.image_size} (its position embedding is fixed)")
-    normalization = (default_normalization(name or args.model)
-                     if args.normalization == "auto" else args.normalization)
+        raise SystemExit(
+            f"--image-size {args.image_size} differs from the model's "
+            f"image_size {config.image_size} (its position embedding is fixed)"
+        )
+    normalization = default_normalization(name or args.model) if args.normalization == "auto" else args.normalization
     preprocess = make_preprocess(config.image_size, args.crop_pct, *NORMALIZATIONS[normalization])
 
     train, val = open_split(args.data_dir, "train"), open_split(args.data_dir, "validation")
     apply_fn, variables = load_model(args.checkpoint, config)
     check_num_classes(val, config)
     evaluated = val if args.eval_samples is None else Head(val, args.eval_samples)
-    log(f"model {name or 'custom'}, {len(train)} train / {len(val)} validation images, "
-        f"evaluating {len(evaluated)}; mean/std {normalization}")
+    log(
+        f"model {name or 'custom'}, {len(train)} train / {len(val)} validation images, "
+        f"evaluating {len(evaluated)}; mean/std {normalization}"
+    )
 
-    calib = [(b,) for b in batches.calibration_batches(
-        train, args.calib_samples, args.batch_size, args.seed, preprocess)]
+    calib = [
+        (b,) for b in batches.calibration_batches(train, args.calib_samples, args.batch_size, args.seed, preprocess)
+    ]
     float_apply = jax.jit(apply_fn)
     forwards = {("float", 32): lambda x: float_apply(variables, x)}
-    forwards.update(quantize_all(apply_fn, variables, calib, args.methods, args.bits,
-                                 args.repquant_steps))
+    forwards.update(quantize_all(apply_fn, variables, calib, args.methods, args.bits, args.repquant_steps))
     top1 = evaluate_all(forwards, evaluated, preprocess, args.batch_size)
 
     minutes = (time.perf_counter() - start) / 60
-    text = "\n\n".join([
-        f"# ImageNet PTQ: {name or 'custom ViT'}",
-        describe(args, name, config, normalization, len(evaluated), len(val), minutes),
-        results_table(top1, PAPER_TOP1.get(name)),
-    ])
+    text = "\n\n".join(
+        [
+            f"# ImageNet PTQ: {name or 'custom ViT'}",
+            describe(args, name, config, normalization, len(evaluated), len(val), minutes),
+            results_table(top1, PAPER_TOP1.get(name)),
+        ]
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
     print(text)

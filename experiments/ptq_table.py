@@ -43,9 +43,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from common import (REPO, RESULTS, calibration_draw, fashion_mnist_test, load_vit, log, machine, markdown_table,
-                    mean_std, short_reason, top1)
+from common import (
+    REPO,
+    RESULTS,
+    calibration_draw,
+    fashion_mnist_test,
+    load_vit,
+    log,
+    machine,
+    markdown_table,
+    mean_std,
+    short_reason,
+    top1,
+)
 from qwix_baseline import qwix_ptq
 
 import repquant_jax as repquant
@@ -75,11 +85,18 @@ def setup_vit(args) -> dict:
         return {"top-1 (%)": top1(lambda x: forward(jnp.asarray(x)), images, labels)}
 
     return dict(
-        apply_fn=apply_fn, variables=variables, module=module, draws=draws, evaluate=evaluate,
-        metrics=["top-1 (%)"], qwix_kwargs={},
-        description=(f"Model `{info['config']}` ({info.get('test_accuracy', '?')} test accuracy at training). "
-                     f"Top-1 (%) on the 10k Fashion-MNIST test set. Calibration: {args.samples} training images "
-                     "per draw (`calibration_draw(samples, seed)`)."),
+        apply_fn=apply_fn,
+        variables=variables,
+        module=module,
+        draws=draws,
+        evaluate=evaluate,
+        metrics=["top-1 (%)"],
+        qwix_kwargs={},
+        description=(
+            f"Model `{info['config']}` ({info.get('test_accuracy', '?')} test accuracy at training). "
+            f"Top-1 (%) on the 10k Fashion-MNIST test set. Calibration: {args.samples} training images "
+            "per draw (`calibration_draw(samples, seed)`)."
+        ),
     )
 
 
@@ -92,7 +109,7 @@ def _rank(x: np.ndarray) -> np.ndarray:
         j = i
         while j + 1 < len(x) and sx[j + 1] == sx[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 
@@ -126,8 +143,8 @@ def setup_minilm(args) -> dict:
         mask = np.zeros((len(id_lists), length), np.int32)
         for r, seq in enumerate(id_lists):
             seq = list(seq)[:length]
-            ids[r, :len(seq)] = seq
-            mask[r, :len(seq)] = 1
+            ids[r, : len(seq)] = seq
+            mask[r, : len(seq)] = 1
         return ids, mask
 
     lee_ids, lee_mask = pad([e.ids for e in lee_encs])
@@ -136,7 +153,7 @@ def setup_minilm(args) -> dict:
 
     def truncated(e):
         ids = list(e.ids)
-        return ids if len(ids) <= n_tok else ids[:n_tok - 1] + [ids[-1]]  # keep [SEP]
+        return ids if len(ids) <= n_tok else ids[: n_tok - 1] + [ids[-1]]  # keep [SEP]
 
     draws = []
     for seed in range(args.draws):
@@ -155,12 +172,19 @@ def setup_minilm(args) -> dict:
         spearman, pearson = correlations(cos, scores)
         ref_n = ref / np.linalg.norm(ref, axis=1, keepdims=True)
         to_float = float(np.mean(np.sum(emb_n * ref_n, axis=1)))
-        return {"Spearman ×100": 100 * spearman, "Pearson ×100": 100 * pearson,
-                "cos(quant, float) ×100": 100 * to_float}
+        return {
+            "Spearman ×100": 100 * spearman,
+            "Pearson ×100": 100 * pearson,
+            "cos(quant, float) ×100": 100 * to_float,
+        }
 
     return dict(
-        apply_fn=lambda p, ids, mask: module.apply(p, ids, mask), variables=variables, module=module,
-        draws=draws, evaluate=evaluate, metrics=["Spearman ×100", "Pearson ×100", "cos(quant, float) ×100"],
+        apply_fn=lambda p, ids, mask: module.apply(p, ids, mask),
+        variables=variables,
+        module=module,
+        draws=draws,
+        evaluate=evaluate,
+        metrics=["Spearman ×100", "Pearson ×100", "cos(quant, float) ×100"],
         # Calibration documents are truncated, so their later positions are padding: qwix's default
         # static scales (one per token position) would be fit on padding there. Per-tensor instead.
         qwix_kwargs={"static": {"static_granularity": "per_tensor"}},
@@ -168,7 +192,8 @@ def setup_minilm(args) -> dict:
         # presets branch-fold them (unfoldable="branch"); rows with the other policies.
         variants={
             f"{x}, unfoldable {policy}": (x, {"unfoldable": policy})
-            for policy in ("per_tensor", "per_channel") for x in ("repq_vit", "repquant")
+            for policy in ("per_tensor", "per_channel")
+            for x in ("repq_vit", "repquant")
         },
         description=(
             "Model: all-MiniLM-L6 (mean-pooled, normalised). Lee benchmark (gensim test data): 50 documents, "
@@ -180,7 +205,8 @@ def setup_minilm(args) -> dict:
             "`static_granularity='per_tensor'` (shorter calibration documents end in padding). The presets "
             "branch-fold the post-LN norms (`unfoldable='branch'`: per-tensor codes equal to the per-channel "
             "ones on the matmul branch); rows 'unfoldable per_tensor' (the fallback before branch folds) and "
-            "'unfoldable per_channel' (the calibration-time quantizers, no integer path) for comparison."),
+            "'unfoldable per_channel' (the calibration-time quantizers, no integer path) for comparison."
+        ),
     )
 
 
@@ -188,7 +214,7 @@ def heldout_windows(data: np.ndarray, n: int, length: int) -> np.ndarray:
     """``n`` non-overlapping windows of ``length`` bytes spread evenly over ``data`` (train_tiny_llama.py)."""
     n = min(n, len(data) // length)
     starts = np.linspace(0, len(data) - length, n).astype(np.int64)
-    return np.stack([data[s:s + length] for s in starts]).astype(np.int32)
+    return np.stack([data[s : s + length] for s in starts]).astype(np.int32)
 
 
 def setup_llama(args) -> dict:
@@ -206,27 +232,33 @@ def setup_llama(args) -> dict:
     draws = []
     for seed in range(args.draws):
         starts = np.random.default_rng([seed, 7]).integers(0, len(train) - seq, args.samples)
-        draws.append([(np.stack([train[s:s + seq] for s in starts]).astype(np.int32),)])
+        draws.append([(np.stack([train[s : s + seq] for s in starts]).astype(np.int32),)])
 
     def evaluate(forward, chunk: int = 64):
         total = 0.0
         for s in range(0, len(windows), chunk):
-            w = windows[s:s + chunk]
+            w = windows[s : s + chunk]
             logits = jnp.asarray(forward(jnp.asarray(w[:, :-1])), jnp.float32)
             logp = jax.nn.log_softmax(logits, axis=-1)
             total -= float(jnp.take_along_axis(logp, jnp.asarray(w[:, 1:, None]), axis=-1).sum())
         return {"ppl/byte": math.exp(total / (windows.shape[0] * seq))}
 
     return dict(
-        apply_fn=lambda p, ids: module.apply(p, ids), variables=variables, module=module, draws=draws,
-        evaluate=evaluate, metrics=["ppl/byte"], qwix_kwargs={},
+        apply_fn=lambda p, ids: module.apply(p, ids),
+        variables=variables,
+        module=module,
+        draws=draws,
+        evaluate=evaluate,
+        metrics=["ppl/byte"],
+        qwix_kwargs={},
         description=(
             f"Model: tiny byte-level LLaMA ({info['model']}, {info['parameters']:,} parameters, held-out "
             f"ppl/byte {info['heldout_perplexity_per_byte']} at training on 1024 windows). Perplexity per byte "
             f"(lower is better) = exp(mean next-byte cross-entropy) on {len(windows)} non-overlapping held-out "
             f"windows of {seq + 1} bytes spread evenly over the held-out bytes ({len(windows) * seq} "
             f"predictions; `byte_split(training_corpus({sources}), 0.05, seed=0)`). Calibration: {args.samples} "
-            f"random {seq}-byte windows of the TRAIN split per draw."),
+            f"random {seq}-byte windows of the TRAIN split per draw."
+        ),
     )
 
 
@@ -238,8 +270,11 @@ SETUPS: dict[str, Callable[..., dict]] = {"vit": setup_vit, "minilm": setup_mini
 
 def config_for(method: str, bits: int, steps: int | None, **overrides):
     if method == "repquant" and steps is not None:
-        overrides = dict(dual_clipping=repquant.DualClipping(steps=steps),
-                         reconstruction=repquant.Reconstruction(steps=steps), **overrides)
+        overrides = dict(
+            dual_clipping=repquant.DualClipping(steps=steps),
+            reconstruction=repquant.Reconstruction(steps=steps),
+            **overrides,
+        )
     return getattr(P, method)(bits, bits, **overrides)
 
 
@@ -287,18 +322,27 @@ def run_model(name: str, args) -> str:
     for row, static in QWIX.items():
         kwargs = m["qwix_kwargs"].get("static" if static else "dynamic", {})
         for bits in args.bits:
+
             def per_draw(calib, bits=bits, static=static, kwargs=kwargs, row=row):
-                qapply, n = qwix_ptq(m["module"], variables, calib, w_bits=bits, a_bits=bits, static=static,
-                                     **kwargs)
+                qapply, n = qwix_ptq(m["module"], variables, calib, w_bits=bits, a_bits=bits, static=static, **kwargs)
                 notes.setdefault(row, n)
                 return evaluate(qapply)
 
             cell(row, bits, per_draw)
 
-    sections = [f"## {name}", m["description"] + (
-        f" Quantized cells: mean ± std over {args.draws} calibration draw(s) of {args.samples} samples"
-        + (f"; repquant with {args.repquant_steps} DualClipping and Reconstruction steps" if args.repquant_steps
-           is not None else "; repquant with the preset's default steps") + ".")]
+    sections = [
+        f"## {name}",
+        m["description"]
+        + (
+            f" Quantized cells: mean ± std over {args.draws} calibration draw(s) of {args.samples} samples"
+            + (
+                f"; repquant with {args.repquant_steps} DualClipping and Reconstruction steps"
+                if args.repquant_steps is not None
+                else "; repquant with the preset's default steps"
+            )
+            + "."
+        ),
+    ]
     for metric in metrics:
         table_rows = [["float"] + [fmt_value(float_scores[metric])] * len(args.bits)]
         for row in METHODS + list(variants) + list(QWIX):
@@ -306,9 +350,12 @@ def run_model(name: str, args) -> str:
         title = f"### {metric}\n\n" if len(metrics) > 1 else ""
         sections.append(title + markdown_table(["method"] + columns, table_rows))
     for row, n in notes.items():
-        sections.append(f"{row} (notes from `qwix_ptq`, first bit width and draw):\n\n" + "\n".join(f"- {x}" for x in n))
-    sections.append(f"Time for {name}: {(time.perf_counter() - t_model) / 60:.1f} min; per cell: "
-                    + "; ".join(cell_times) + ".")
+        sections.append(
+            f"{row} (notes from `qwix_ptq`, first bit width and draw):\n\n" + "\n".join(f"- {x}" for x in n)
+        )
+    sections.append(
+        f"Time for {name}: {(time.perf_counter() - t_model) / 60:.1f} min; per cell: " + "; ".join(cell_times) + "."
+    )
     return "\n\n".join(sections)
 
 
@@ -326,8 +373,12 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8])
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--repquant-steps", type=int, default=None,
-                        help="steps of repquant's DualClipping and Reconstruction (default: preset defaults)")
+    parser.add_argument(
+        "--repquant-steps",
+        type=int,
+        default=None,
+        help="steps of repquant's DualClipping and Reconstruction (default: preset defaults)",
+    )
     parser.add_argument("--minilm-tokens", type=int, default=64, help="calibration documents truncated to this")
     parser.add_argument("--llama-windows", type=int, default=128, help="held-out windows of 129 bytes")
     parser.add_argument("--out", default=str(RESULTS / "ptq_table.md"))
@@ -339,14 +390,16 @@ def main() -> None:
     for name in args.models:  # the file is rewritten after each model, so a long run keeps what it has
         sections.append(run_model(name, args))
         done = "" if len(sections) == len(args.models) else f", {len(sections)} of {len(args.models)} models so far"
-        text = "\n\n".join([
-            "# PTQ table: float, RepQuant presets and qwix",
-            f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `{command.strip()}` "
-            f"({(time.perf_counter() - start) / 60:.1f} min{done}). Same model, same calibration data for every "
-            "row; qwix via `experiments/qwix_baseline.qwix_ptq` on the Linen module. A cell reading `fails: ...` "
-            "raised that error (traceback on stderr).",
-            *sections,
-        ])
+        text = "\n\n".join(
+            [
+                "# PTQ table: float, RepQuant presets and qwix",
+                f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `{command.strip()}` "
+                f"({(time.perf_counter() - start) / 60:.1f} min{done}). Same model, same calibration data for every "
+                "row; qwix via `experiments/qwix_baseline.qwix_ptq` on the Linen module. A cell reading `fails: ...` "
+                "raised that error (traceback on stderr).",
+                *sections,
+            ]
+        )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)

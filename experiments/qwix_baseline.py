@@ -228,8 +228,11 @@ def qwix_ptq(
             f"activations {a_qtype} symmetric {act_calibration_method}, "
             + (
                 f"static scales from {len(calib_batches)} batch(es), {static_granularity} "
-                + ("(act_batch_axes=(0,): per token position, fixed sequence length) "
-                   if static_granularity == "qwix_default" else "(one scale per tensor, any sequence length) ")
+                + (
+                    "(act_batch_axes=(0,): per token position, fixed sequence length) "
+                    if static_granularity == "qwix_default"
+                    else "(one scale per tensor, any sequence length) "
+                )
                 + "= mean of per-row absmax averaged over batches, not the max: clips"
                 if static
                 else "dynamic per-token (per row of every non-contracting axis)"
@@ -250,9 +253,7 @@ def qwix_ptq(
             f"act_qtype == weight_qtype (got {a_qtype} vs {w_qtype})"
         )
     elif a_qtype is not None:
-        notes.append(
-            "convs (if any: ViT patch embedding) quantized per image (activation) / output channel (weight)"
-        )
+        notes.append("convs (if any: ViT patch embedding) quantized per image (activation) / output channel (weight)")
 
     if static and a_qtype is not None:
         notes.append(
@@ -288,8 +289,18 @@ def qwix_ptq(
     for _ in range(4):
         try:
             apply, unused = _build(
-                qwix, module, params, calib_batches, w_qtype, a_qtype, static, static_granularity,
-                frozenset(exclude), act_calibration_method, jit, widen,
+                qwix,
+                module,
+                params,
+                calib_batches,
+                w_qtype,
+                a_qtype,
+                static,
+                static_granularity,
+                frozenset(exclude),
+                act_calibration_method,
+                jit,
+                widen,
             )
             break
         except Exception as e:  # noqa: BLE001 - a qwix failure triggers a narrower rule set

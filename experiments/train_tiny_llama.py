@@ -53,8 +53,8 @@ import optax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from repquant_zoo.data import text  # noqa: E402
 from repquant_jax._src.diagnostics import channel_range_profile  # noqa: E402
+from repquant_zoo.data import text  # noqa: E402
 from repquant_zoo.models import llama  # noqa: E402
 
 DEFAULT_OUT = REPO / "experiments" / "checkpoints" / "tiny_llama"
@@ -65,8 +65,7 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -92,15 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def decay_mask(params):
     """True where weight decay applies: Dense kernels and the token embedding."""
     flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict(
-        {k: k[-1] in ("kernel", "embedding") for k in flat})
+    return flax.traverse_util.unflatten_dict({k: k[-1] in ("kernel", "embedding") for k in flat})
 
 
 def heldout_windows(data: np.ndarray, n: int, length: int) -> np.ndarray:
     """``n`` non-overlapping windows of ``length`` bytes spread evenly over ``data``."""
     n = min(n, len(data) // length)
     starts = np.linspace(0, len(data) - length, n).astype(np.int64)
-    return np.stack([data[s:s + length] for s in starts]).astype(np.int32)
+    return np.stack([data[s : s + length] for s in starts]).astype(np.int32)
 
 
 def rel(path: Path) -> str:
@@ -113,12 +111,15 @@ def rel(path: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in dict(dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                                       n_kv_heads=args.heads, ffn_dim=args.ffn).items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads, ffn_dim=args.ffn
+        ).items()
+        if v is not None
+    }
     cfg = llama.llama_tiny_bytes(**overrides)
-    log(f"host: {platform.node() or '?'} | jax {jax.__version__} | devices {jax.devices()} | "
-        f"cpus {os.cpu_count()}")
+    log(f"host: {platform.node() or '?'} | jax {jax.__version__} | devices {jax.devices()} | cpus {os.cpu_count()}")
     log(f"config: {cfg}")
     log(f"args: { {k: rel(v) if isinstance(v, Path) else v for k, v in vars(args).items()} }")
 
@@ -126,8 +127,10 @@ def main(argv=None) -> int:
     sizes = text.corpus_sizes(args.sources)
     corpus = text.training_corpus(args.sources)
     train, heldout = text.byte_split(corpus, args.heldout_fraction, seed=args.split_seed)
-    log(f"corpus: {sizes}; {len(corpus.encode('utf-8')):,} bytes -> train {len(train):,}, "
-        f"held-out {len(heldout):,} ({time.perf_counter() - t_data:.1f} s)")
+    log(
+        f"corpus: {sizes}; {len(corpus.encode('utf-8')):,} bytes -> train {len(train):,}, "
+        f"held-out {len(heldout):,} ({time.perf_counter() - t_data:.1f} s)"
+    )
 
     window = args.seq_len + 1
     eval_x = heldout_windows(heldout, args.eval_windows, window)
@@ -141,8 +144,11 @@ def main(argv=None) -> int:
 
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=args.lr, warmup_steps=min(warmup, args.steps - 1),
-        decay_steps=args.steps, end_value=args.lr * 0.05,
+        init_value=0.0,
+        peak_value=args.lr,
+        warmup_steps=min(warmup, args.steps - 1),
+        decay_steps=args.steps,
+        end_value=args.lr * 0.05,
     )
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -168,7 +174,7 @@ def main(argv=None) -> int:
     def perplexity(p, windows: np.ndarray, chunk: int = 64) -> float:
         total = 0.0
         for s in range(0, len(windows), chunk):
-            total += float(nll_sum(p, windows[s:s + chunk]))
+            total += float(nll_sum(p, windows[s : s + chunk]))
         return math.exp(total / (windows.shape[0] * args.seq_len))
 
     rng = np.random.default_rng([args.seed, 1])
@@ -178,9 +184,11 @@ def main(argv=None) -> int:
         starts = rng.integers(0, len(train) - window, size=args.batch_size)
         return train[starts[:, None] + offsets].astype(np.int32)
 
-    log(f"training: {args.steps} steps x batch {args.batch_size} x seq {args.seq_len} "
+    log(
+        f"training: {args.steps} steps x batch {args.batch_size} x seq {args.seq_len} "
         f"({args.steps * args.batch_size * args.seq_len / len(train):.2f} passes over the "
-        f"training bytes), warmup {warmup}, peak lr {args.lr}, wd {args.weight_decay}")
+        f"training bytes), warmup {warmup}, peak lr {args.lr}, wd {args.weight_decay}"
+    )
     history = []
     t_train = time.perf_counter()
     eval_seconds = 0.0
@@ -191,8 +199,10 @@ def main(argv=None) -> int:
         if step in (1, 10) or step % 50 == 0:
             jax.block_until_ready(loss)
             el = time.perf_counter() - t_train - eval_seconds
-            log(f"  step {step}/{args.steps} loss {float(loss):.4f} lr {float(schedule(step)):.2e} "
-                f"({el / step:.3f} s/step)")
+            log(
+                f"  step {step}/{args.steps} loss {float(loss):.4f} lr {float(schedule(step)):.2e} "
+                f"({el / step:.3f} s/step)"
+            )
         if step % args.eval_every == 0 or step == args.steps:
             t_eval = time.perf_counter()
             ppl = perplexity(params, eval_x)
@@ -200,27 +210,37 @@ def main(argv=None) -> int:
             train_loss = float(np.mean(jax.device_get(recent)))
             recent = []
             elapsed = time.perf_counter() - t_train
-            history.append({"step": step, "train_loss": round(train_loss, 4),
-                            "train_ppl": round(math.exp(train_loss), 4),
-                            "heldout_ppl": round(ppl, 4),
-                            "elapsed_minutes": round(elapsed / 60, 2)})
-            log(f"eval step {step}: train loss {train_loss:.4f} (ppl {math.exp(train_loss):.3f}) | "
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": round(train_loss, 4),
+                    "train_ppl": round(math.exp(train_loss), 4),
+                    "heldout_ppl": round(ppl, 4),
+                    "elapsed_minutes": round(elapsed / 60, 2),
+                }
+            )
+            log(
+                f"eval step {step}: train loss {train_loss:.4f} (ppl {math.exp(train_loss):.3f}) | "
                 f"held-out ppl/byte {ppl:.3f} on {len(eval_x)} windows | "
-                f"elapsed {elapsed / 60:.1f} min")
+                f"elapsed {elapsed / 60:.1f} min"
+            )
     train_seconds = time.perf_counter() - t_train
 
     t_final = time.perf_counter()
     final_ppl = perplexity(params, final_x)
-    log(f"final held-out perplexity per byte: {final_ppl:.4f} on {len(final_x)} windows "
-        f"({len(final_x) * args.seq_len:,} predicted bytes; {time.perf_counter() - t_final:.0f} s)")
+    log(
+        f"final held-out perplexity per byte: {final_ppl:.4f} on {len(final_x)} windows "
+        f"({len(final_x) * args.seq_len:,} predicted bytes; {time.perf_counter() - t_final:.0f} s)"
+    )
 
     variables = {"params": jax.device_get(params)}
     out = Path(args.out)
     llama.save_pretrained(out, variables, cfg)
     cfg2, reloaded = llama.load_pretrained(out)
     check = final_x[:8, :-1]
-    same = cfg2 == cfg and np.array_equal(np.asarray(model.apply(reloaded, check)),
-                                          np.asarray(model.apply(variables, check)))
+    same = cfg2 == cfg and np.array_equal(
+        np.asarray(model.apply(reloaded, check)), np.asarray(model.apply(variables, check))
+    )
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     log(f"wrote {rel(out)} ({size_mb:.2f} MB); reload gives the same logits: {same}")
 
@@ -241,23 +261,29 @@ def main(argv=None) -> int:
         "seq_len": args.seq_len,
         "bytes_seen": args.steps * args.batch_size * args.seq_len,
         "passes_over_train": round(args.steps * args.batch_size * args.seq_len / len(train), 3),
-        "optimizer": {"name": "adamw", "peak_lr": args.lr, "b1": 0.9, "b2": 0.95,
-                      "weight_decay": args.weight_decay,
-                      "decay_on": "Dense kernels and the token embedding (not RMSNorm scales)",
-                      "schedule": "linear warmup + cosine to 5% of peak",
-                      "warmup_steps": warmup, "grad_clip_global_norm": 1.0},
+        "optimizer": {
+            "name": "adamw",
+            "peak_lr": args.lr,
+            "b1": 0.9,
+            "b2": 0.95,
+            "weight_decay": args.weight_decay,
+            "decay_on": "Dense kernels and the token embedding (not RMSNorm scales)",
+            "schedule": "linear warmup + cosine to 5% of peak",
+            "warmup_steps": warmup,
+            "grad_clip_global_norm": 1.0,
+        },
         "data": {
             "sources": list(sizes),
             "corpus_sizes": sizes,
             "split": f"repquant_zoo.data.text.byte_split(training_corpus({list(sizes)}), "
-                     f"heldout_fraction={args.heldout_fraction}, seed={args.split_seed})",
+            f"heldout_fraction={args.heldout_fraction}, seed={args.split_seed})",
             "train_bytes": int(len(train)),
             "heldout_bytes": int(len(heldout)),
         },
         "heldout_perplexity_per_byte": round(final_ppl, 4),
         "heldout_bits_per_byte": round(math.log2(final_ppl), 4),
         "heldout_eval": f"{len(final_x)} non-overlapping windows of {window} bytes spread evenly "
-                        f"over the held-out bytes, {len(final_x) * args.seq_len} predictions",
+        f"over the held-out bytes, {len(final_x) * args.seq_len} predictions",
         "train_seconds": round(train_seconds, 1),
         "train_minutes": round(train_seconds / 60, 2),
         "jax_version": jax.__version__,
@@ -267,8 +293,8 @@ def main(argv=None) -> int:
         "history": history,
         "rmsnorm_range_profile": {
             "definition": "repquant_jax._src.diagnostics.channel_range_profile on held-out windows: "
-                          "per norm output feeding matmuls, max over channels of (max - min) / "
-                          "median over channels of (max - min)",
+            "per norm output feeding matmuls, max over channels of (max - min) / "
+            "median over channels of (max - min)",
             "windows": int(len(prof_x)),
             "seq_len": args.seq_len,
             "groups": {k: round(v, 3) for k, v in profile.items()},
@@ -277,8 +303,10 @@ def main(argv=None) -> int:
     meta_path = out / "training.json"
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     log(f"wrote {rel(meta_path)}")
-    log(f"done: held-out perplexity/byte {final_ppl:.3f} after {args.steps} steps, "
-        f"{train_seconds / 60:.1f} min of training")
+    log(
+        f"done: held-out perplexity/byte {final_ppl:.3f} after {args.steps} steps, "
+        f"{train_seconds / 60:.1f} min of training"
+    )
     return 0
 
 

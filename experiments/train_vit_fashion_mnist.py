@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -39,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from repquant_jax._src.diagnostics import channel_ranges
 from repquant_zoo.data import batches as data_batches
 from repquant_zoo.data import fashion_mnist
-from repquant_jax._src.diagnostics import channel_ranges
 from repquant_zoo.models import vit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,8 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-augment", action="store_true", help="disable shifts and flips")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: repo data_cache/)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps (timing runs); still evaluates and writes")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many steps (timing runs); still evaluates and writes",
+    )
     p.add_argument("--profile-images", type=int, default=512)
     return p.parse_args(argv)
 
@@ -94,7 +97,8 @@ def augment(key, images):
 def ln_range_profile(model, variables, images) -> dict[str, dict[str, float]]:
     """Per LayerNorm output: max channel range / median channel range (and the raw numbers)."""
     _, state = model.apply(
-        variables, images,
+        variables,
+        images,
         capture_intermediates=lambda mdl, _: isinstance(mdl, nn.LayerNorm),
         mutable=["intermediates"],
     )
@@ -116,8 +120,7 @@ def ln_range_profile(model, variables, images) -> dict[str, dict[str, float]]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = vit.get_config(args.config)
-    log(f"host: {platform.node() or '?'} | jax {jax.__version__} | devices {jax.devices()} | "
-        f"cpus {os.cpu_count()}")
+    log(f"host: {platform.node() or '?'} | jax {jax.__version__} | devices {jax.devices()} | cpus {os.cpu_count()}")
     log(f"config {args.config}: {cfg}")
     log(f"args: {vars(args)}")
 
@@ -140,8 +143,11 @@ def main(argv=None) -> int:
     total_steps = steps_per_epoch * args.epochs
     warmup = max(1, int(args.warmup_epochs * steps_per_epoch))
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=args.lr, warmup_steps=min(warmup, total_steps - 1),
-        decay_steps=total_steps, end_value=args.lr * 1e-3,
+        init_value=0.0,
+        peak_value=args.lr,
+        warmup_steps=min(warmup, total_steps - 1),
+        decay_steps=total_steps,
+        end_value=args.lr * 1e-3,
     )
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -171,13 +177,15 @@ def main(argv=None) -> int:
     def evaluate(p) -> float:
         correct = 0
         for start in range(0, len(x_test), 1000):
-            pred = predict(p, x_test[start:start + 1000])
-            correct += int((np.asarray(pred) == y_test[start:start + 1000]).sum())
+            pred = predict(p, x_test[start : start + 1000])
+            correct += int((np.asarray(pred) == y_test[start : start + 1000]).sum())
         return correct / len(x_test)
 
-    log(f"training: {args.epochs} epochs x {steps_per_epoch} steps (batch {args.batch_size}), "
+    log(
+        f"training: {args.epochs} epochs x {steps_per_epoch} steps (batch {args.batch_size}), "
         f"warmup {warmup} steps, peak lr {args.lr}, wd {args.weight_decay}, "
-        f"label smoothing {args.label_smoothing}, augment {augment_on}")
+        f"label smoothing {args.label_smoothing}, augment {augment_on}"
+    )
     history = []
     step = 0
     t_train = time.perf_counter()
@@ -187,7 +195,7 @@ def main(argv=None) -> int:
         perm = np.random.default_rng([args.seed, epoch]).permutation(len(x_train))
         losses, accs = [], []
         for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             key = jax.random.fold_in(k_train, step)
             params, opt_state, loss, acc = train_step(params, opt_state, x_train[idx], y_train[idx], key)
             losses.append(loss)
@@ -196,8 +204,10 @@ def main(argv=None) -> int:
             if step in (1, 20) or step % 100 == 0:
                 jax.block_until_ready(loss)
                 el = time.perf_counter() - t_epoch
-                log(f"  epoch {epoch} step {i + 1}/{steps_per_epoch} loss {float(loss):.4f} "
-                    f"lr {float(schedule(step)):.2e} ({el:.1f} s in epoch, {el / (i + 1):.3f} s/step)")
+                log(
+                    f"  epoch {epoch} step {i + 1}/{steps_per_epoch} loss {float(loss):.4f} "
+                    f"lr {float(schedule(step)):.2e} ({el:.1f} s in epoch, {el / (i + 1):.3f} s/step)"
+                )
             if args.max_steps is not None and step >= args.max_steps:
                 stop = True
                 break
@@ -207,12 +217,22 @@ def main(argv=None) -> int:
         t_eval = time.perf_counter()
         test_acc = evaluate(params)
         eval_s = time.perf_counter() - t_eval
-        history.append({"epoch": epoch, "steps": step, "train_loss": train_loss,
-                        "train_acc": train_acc, "test_acc": test_acc,
-                        "epoch_seconds": round(epoch_s, 1), "eval_seconds": round(eval_s, 1)})
-        log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+        history.append(
+            {
+                "epoch": epoch,
+                "steps": step,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "test_acc": test_acc,
+                "epoch_seconds": round(epoch_s, 1),
+                "eval_seconds": round(eval_s, 1),
+            }
+        )
+        log(
+            f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
             f"test acc {test_acc:.4f} | {epoch_s:.0f} s + eval {eval_s:.0f} s | "
-            f"elapsed {(time.perf_counter() - t_train) / 60:.1f} min")
+            f"elapsed {(time.perf_counter() - t_train) / 60:.1f} min"
+        )
         if stop:
             break
     train_seconds = time.perf_counter() - t_train
@@ -225,14 +245,15 @@ def main(argv=None) -> int:
     # Round trip: the file must load back to the same predictions.
     reloaded = vit.load_safetensors(out, cfg)
     check = x_test[:256]
-    same = np.array_equal(np.asarray(predict(reloaded["params"], check)),
-                          np.asarray(predict(params, check)))
+    same = np.array_equal(np.asarray(predict(reloaded["params"], check)), np.asarray(predict(params, check)))
     log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); reload gives same predictions: {same}")
 
-    profile = ln_range_profile(model, variables, x_test[:args.profile_images])
+    profile = ln_range_profile(model, variables, x_test[: args.profile_images])
     for name, v in profile.items():
-        log(f"  LN range profile {name}: max/median {v['max_over_median']:.2f} "
-            f"(max {v['max_range']:.2f}, median {v['median_range']:.2f})")
+        log(
+            f"  LN range profile {name}: max/median {v['max_over_median']:.2f} "
+            f"(max {v['max_range']:.2f}, median {v['median_range']:.2f})"
+        )
 
     meta = {
         "config": args.config,
@@ -242,14 +263,22 @@ def main(argv=None) -> int:
         "steps": step,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "optimizer": {"name": "adamw", "peak_lr": args.lr, "weight_decay": args.weight_decay,
-                      "no_decay": "LayerNorm, biases, cls_token, pos_embed",
-                      "schedule": "linear warmup + cosine", "warmup_steps": warmup,
-                      "grad_clip_global_norm": 1.0},
+        "optimizer": {
+            "name": "adamw",
+            "peak_lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "no_decay": "LayerNorm, biases, cls_token, pos_embed",
+            "schedule": "linear warmup + cosine",
+            "warmup_steps": warmup,
+            "grad_clip_global_norm": 1.0,
+        },
         "label_smoothing": args.label_smoothing,
         "augmentation": "random shift <= 2 px (zero pad) + horizontal flip" if augment_on else "none",
-        "preprocess": {"mean": data_batches.FASHION_MNIST_MEAN, "std": data_batches.FASHION_MNIST_STD,
-                       "scale": "uint8 / 255"},
+        "preprocess": {
+            "mean": data_batches.FASHION_MNIST_MEAN,
+            "std": data_batches.FASHION_MNIST_STD,
+            "scale": "uint8 / 255",
+        },
         "parameters": n_params,
         "test_accuracy": final_acc,
         "test_examples": int(len(x_test)),
@@ -261,7 +290,7 @@ def main(argv=None) -> int:
         "history": history,
         "ln_range_profile": {
             "definition": "per LayerNorm output over test images x tokens: "
-                          "max over channels of (max - min) / median over channels of (max - min)",
+            "max over channels of (max - min) / median over channels of (max - min)",
             "images": int(min(args.profile_images, len(x_test))),
             "layers": profile,
         },
@@ -269,8 +298,7 @@ def main(argv=None) -> int:
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     log(f"wrote {meta_path}")
-    log(f"done: test accuracy {final_acc:.4f} after {len(history)} epochs, "
-        f"{train_seconds / 60:.1f} min of training")
+    log(f"done: test accuracy {final_acc:.4f} after {len(history)} epochs, {train_seconds / 60:.1f} min of training")
     return 0
 
 

@@ -28,9 +28,10 @@ if "--library" in sys.argv:  # before importing repquant_jax: bypass the editabl
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     sys.path.insert(0, sys.argv[sys.argv.index("--library") + 1])
 
-import repquant_jax as repquant  # noqa: E402
 import zoo  # noqa: E402
 from thirdparty import harness  # noqa: E402
+
+import repquant_jax as repquant  # noqa: E402
 
 SUITES = ("test_transformers_flax", "test_gemma", "test_equinox", "test_flax_modules")
 
@@ -38,6 +39,7 @@ SUITES = ("test_transformers_flax", "test_gemma", "test_equinox", "test_flax_mod
 def cases():
     """(name, builder returning a harness.Case) for every case that can be built here."""
     for name, builder in zoo.SHARING.items():
+
         def build(builder=builder):
             m = builder()
             return harness.Case(m.apply_fn, m.params, tuple(m.inputs), {})

@@ -92,10 +92,14 @@ def minilm_rows() -> tuple[list[list[str]], list[list[str]]]:
     ref = apply_fn(encoder.variables, *evals)
     sites = []
     for name, pattern in MINILM_SITES.items():
-        rules = (SKIP_ACTIVATIONS,) if pattern is None else (
-            repquant.Rule(pattern=".*", target="weight", skip=True),
-            repquant.Rule(pattern=pattern, target="activation"),
-            SKIP_ACTIVATIONS,
+        rules = (
+            (SKIP_ACTIVATIONS,)
+            if pattern is None
+            else (
+                repquant.Rule(pattern=".*", target="weight", skip=True),
+                repquant.Rule(pattern=pattern, target="activation"),
+                SKIP_ACTIVATIONS,
+            )
         )
         sites.append([name, measure(apply_fn, encoder.variables, calib, evals, ref, P.repq_vit(8, 8, rules=rules))])
         log(f"MiniLM {name}: {sites[-1][1]}")
@@ -115,20 +119,22 @@ def main() -> None:
     start = time.perf_counter()
     vit = vit_rows()
     sites, presets = minilm_rows()
-    text = "\n\n".join([
-        "# W8A8 error breakdown",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `python experiments/w8a8_breakdown.py` "
-        f"({(time.perf_counter() - start) / 60:.1f} min). Relative L2 error of the output vs float, the data of "
-        "`tests/test_transform_real.py`.",
-        "## ViT (Fashion-MNIST), logits",
-        markdown_table(["repq_vit W8A8 variant", "relative error"], vit),
-        "## MiniLM, sentence embeddings: one kind of site quantized at 8 bits (repq_vit), the rest float",
-        markdown_table(["quantized", "relative error"], sites),
-        "## MiniLM, W8A8 presets by post-LN policy (repquant with 20 learning steps, as the test)",
-        markdown_table(["preset", 'unfoldable="per_tensor"', 'unfoldable="per_channel"'], presets),
-        "minmax and percentile quantize norm outputs per tensor anyway (`norm_quantizer`), so the policy "
-        "changes nothing for them.",
-    ])
+    text = "\n\n".join(
+        [
+            "# W8A8 error breakdown",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine()} by `python experiments/w8a8_breakdown.py` "
+            f"({(time.perf_counter() - start) / 60:.1f} min). Relative L2 error of the output vs float, the data of "
+            "`tests/test_transform_real.py`.",
+            "## ViT (Fashion-MNIST), logits",
+            markdown_table(["repq_vit W8A8 variant", "relative error"], vit),
+            "## MiniLM, sentence embeddings: one kind of site quantized at 8 bits (repq_vit), the rest float",
+            markdown_table(["quantized", "relative error"], sites),
+            "## MiniLM, W8A8 presets by post-LN policy (repquant with 20 learning steps, as the test)",
+            markdown_table(["preset", 'unfoldable="per_tensor"', 'unfoldable="per_channel"'], presets),
+            "minmax and percentile quantize norm outputs per tensor anyway (`norm_quantizer`), so the policy "
+            "changes nothing for them.",
+        ]
+    )
     out = RESULTS / "w8a8_breakdown.md"
     out.write_text(text + "\n")
     print(text)

@@ -21,15 +21,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import conftest  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import zoo  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import conftest  # noqa: E402
 import repquant_jax as repquant  # noqa: E402
-import zoo  # noqa: E402
 
 # seq 12: no activation a matmul reads (per shard or whole) has as many elements as a
 # kernel (1024 or 4096), so an all-gather of that many elements is a gathered weight.
@@ -100,7 +100,9 @@ def check(preset: str) -> dict:
     hlo, stablehlo = compiled.as_text(), lowered.as_text()
     (in_q, in_x), _ = compiled.input_shardings
     entry_kept = jax.tree_util.tree_leaves(
-        jax.tree_util.tree_map(lambda c, a: c.is_equivalent_to(a.sharding, a.ndim), (in_q.params, in_x), (qparams.params, xs))
+        jax.tree_util.tree_map(
+            lambda c, a: c.is_equivalent_to(a.sharding, a.ndim), (in_q.params, in_x), (qparams.params, xs)
+        )
     )
     kernels = {
         jax.tree_util.keystr(path): list(np.shape(leaf))
@@ -115,7 +117,9 @@ def check(preset: str) -> dict:
             (qref.weights, qref.activations, qref.input_offsets, qref.output_offsets),
         ),
         "max_output_diff": float(jnp.max(jnp.abs(out - out_ref))),
-        "error_vs_float": float(jnp.linalg.norm(out - m.apply_fn(m.params, x)) / jnp.linalg.norm(m.apply_fn(m.params, x))),
+        "error_vs_float": float(
+            jnp.linalg.norm(out - m.apply_fn(m.params, x)) / jnp.linalg.norm(m.apply_fn(m.params, x))
+        ),
         "error_vs_float_single_device": float(
             jnp.linalg.norm(out_ref - m.apply_fn(m.params, x)) / jnp.linalg.norm(m.apply_fn(m.params, x))
         ),

@@ -109,9 +109,7 @@ def test_search_uniform_per_tensor_matches_reference(bits, symmetric):
     np.testing.assert_allclose(qp.zero_point, z_ref[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "shape, axis", [((512, 24), -1), ((512, 24), 1), ((12, 16, 40), 0), ((6, 10, 80), -2)]
-)
+@pytest.mark.parametrize("shape, axis", [((512, 24), -1), ((512, 24), 1), ((12, 16, 40), 0), ((6, 10, 80), -2)])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_search_uniform_per_channel_matches_reference(shape, axis, symmetric):
     x = heavy_tailed(len(shape) + axis, shape, df=3, spread_axis=axis)
@@ -138,9 +136,9 @@ def test_search_picks_the_best_percentile_per_channel():
     np.testing.assert_allclose(qp.scale, s_ref, rtol=1e-6)
     np.testing.assert_allclose(qp.zero_point, z_ref, rtol=1e-6)
     # The Gaussian channel took p = 0.99, the wild one a wider range.
-    candidates = np.array(
-        [[np_quantile(x[:, c], p) - np_quantile(x[:, c], 1 - p) for p in percentiles] for c in (0, 1)]
-    ) / 15
+    candidates = (
+        np.array([[np_quantile(x[:, c], p) - np_quantile(x[:, c], 1 - p) for p in percentiles] for c in (0, 1)]) / 15
+    )
     chosen = np.argmin(np.abs(candidates - np.asarray(qp.scale)[:, None]), axis=1)
     assert chosen[0] == 0 and chosen[1] > 0
 
@@ -177,12 +175,8 @@ def test_search_log_percentiles_pick_lowest_error():
     probs = attention_probs(7)
     percentiles = (0.6, 0.9, 0.999, 1.0)
     qp = cal.search_log_sqrt2(probs, 4, percentiles=percentiles)
-    errors = [
-        float(cal.quantization_mse(probs, qz.log_sqrt2(np_quantile(probs, p), 4))) for p in percentiles
-    ]
-    np.testing.assert_allclose(
-        qp.scale, np_quantile(probs, percentiles[int(np.argmin(errors))]), rtol=1e-6
-    )
+    errors = [float(cal.quantization_mse(probs, qz.log_sqrt2(np_quantile(probs, p), 4))) for p in percentiles]
+    np.testing.assert_allclose(qp.scale, np_quantile(probs, percentiles[int(np.argmin(errors))]), rtol=1e-6)
     assert float(cal.quantization_mse(probs, qp)) <= min(errors) * (1 + 1e-6)
 
 

@@ -71,9 +71,7 @@ def test_order_is_the_files_order(data_dir, idx_test):
     assert sorted(np.bincount(labels).tolist()) == [1000] * 10
     # Loading again (a prepared dataset is reused, not rebuilt) gives the same order.
     again = fm.load("test[:300]", data_dir)
-    np.testing.assert_array_equal(
-        np.stack([np.asarray(again[i]["image"]) for i in range(300)]), idx_test[0][:300]
-    )
+    np.testing.assert_array_equal(np.stack([np.asarray(again[i]["image"]) for i in range(300)]), idx_test[0][:300])
 
 
 @needs_idx

@@ -11,9 +11,7 @@ from repquant_jax._src.diagnostics import channel_range_profile, inject_outliers
 def test_outlier_injection_preserves_the_function_and_raises_the_range_profile(builder):
     m = zoo.ALL[builder](batch=4, seq=8)
     stressed = inject_outliers(m.apply_fn, m.params, *m.inputs, factor=16.0, channels=2)
-    np.testing.assert_allclose(
-        m.apply_fn(stressed, *m.inputs), m.apply_fn(m.params, *m.inputs), rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(m.apply_fn(stressed, *m.inputs), m.apply_fn(m.params, *m.inputs), rtol=1e-4, atol=1e-5)
     before = channel_range_profile(m.apply_fn, m.params, *m.inputs)
     after = channel_range_profile(m.apply_fn, stressed, *m.inputs)
     assert before.keys() == after.keys() and before

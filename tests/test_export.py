@@ -3,6 +3,7 @@
 import math
 import re
 
+import conftest
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import zoo
 
-import conftest
 import repquant_jax as repquant
 from repquant_jax._src import export as rqe
 from repquant_jax._src import quantizers as qz
@@ -212,7 +212,9 @@ def test_vit_w4_exported_bytes_at_most_0_15_of_float():
 
 
 def _kernels(params):
-    return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in jax.tree_util.keystr(path)]
+    return [
+        leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in jax.tree_util.keystr(path)
+    ]
 
 
 class _ConvNet(nn.Module):

@@ -88,8 +88,13 @@ def test_plot_ln_channel_ranges(tmp_path):
     scale = figures.channel_ranges(x) / 15
     folded = x * scale.mean() / scale
     panel = figures.RangePanel(
-        label="stress (SYNTHETIC)", before=figures.channel_ranges(x), after=figures.channel_ranges(folded),
-        channel_scale=scale, tensor_scale=float(scale.mean()), per_tensor_scale=float(np.ptp(x) / 15), bits=4,
+        label="stress (SYNTHETIC)",
+        before=figures.channel_ranges(x),
+        after=figures.channel_ranges(folded),
+        channel_scale=scale,
+        tensor_scale=float(scale.mean()),
+        per_tensor_scale=float(np.ptp(x) / 15),
+        bits=4,
     )
     assert panel.ratios()["after max/median"] == pytest.approx(1.0)
     _assert_png(figures.plot_ln_channel_ranges([panel, panel], tmp_path / "ln.png", title="test"))

@@ -1,12 +1,12 @@
 """Exactness of the norm fold, the branch fold and the log√2 → log2 form (docs/method.md)."""
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import zoo
 
-import conftest
 import repquant_jax as repquant
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.state import QParams
@@ -16,10 +16,15 @@ FLOAT_WEIGHTS = (repquant.Rule(pattern=".", target="weight", skip=True),)
 
 
 def _calib(model, n=2):
-    return [tuple(jax.tree_util.tree_map(lambda a, i=i: a * (1.0 + 0.1 * i) if a.dtype.kind == "f" else a, model.inputs)) for i in range(n)]
+    return [
+        tuple(jax.tree_util.tree_map(lambda a, i=i: a * (1.0 + 0.1 * i) if a.dtype.kind == "f" else a, model.inputs))
+        for i in range(n)
+    ]
 
 
-@pytest.mark.parametrize("builder", ["linen_vit_block", "scan_vit", "vit_with_head", "plain_jax_transformer", "nnx_vit_block"])
+@pytest.mark.parametrize(
+    "builder", ["linen_vit_block", "scan_vit", "vit_with_head", "plain_jax_transformer", "nnx_vit_block"]
+)
 def test_folded_params_reproduce_the_float_model(builder):
     model = zoo.ALL[builder]()
     qparams, _ = repquant.transform(model.apply_fn, model.params, _calib(model), P.repq_vit(4, 4), verbose=False)
@@ -71,8 +76,11 @@ def test_float_mean_zero_point_mode_is_close_but_not_exact():
     )
     ref = np.asarray(ref_apply(ref_q, *model.inputs))
     q, qa = repquant.transform(
-        model.apply_fn, model.params, calib,
-        P.repq_vit(4, 4, exact_zero_point=False, rules=FLOAT_WEIGHTS), verbose=False,
+        model.apply_fn,
+        model.params,
+        calib,
+        P.repq_vit(4, 4, exact_zero_point=False, rules=FLOAT_WEIGHTS),
+        verbose=False,
     )
     rel = np.linalg.norm(np.asarray(qa(q, *model.inputs)) - ref) / np.linalg.norm(ref)
     assert 0 < rel < 0.2
@@ -97,8 +105,8 @@ def test_log_sqrt2_fake_quant_equals_two_accumulator_shift_add_on_real_attention
 def _point_values(graph, plan, qparams, inputs, names):
     """The values at activation points of the folded float model (offsets and input
     scales on, quantizers off), before the affine in front of their quantizer."""
-    from repquant_jax._src.interpret import evaluate
     from repquant_jax._src.hooks import quant_hooks
+    from repquant_jax._src.interpret import evaluate
 
     hooks = quant_hooks(graph, plan, qparams, quantize=False)
     values = dict(hooks.values)
@@ -127,7 +135,9 @@ def test_branch_fold_keeps_the_per_channel_codes_and_outputs(builder):
     q_pc, qa_pc = repquant.transform(
         m.apply_fn, m.params, [m.inputs], P.repq_vit(4, 4, rules=FLOAT_WEIGHTS, unfoldable="per_channel"), verbose=False
     )
-    q_br, qa_br = repquant.transform(m.apply_fn, m.params, [m.inputs], P.repq_vit(4, 4, rules=FLOAT_WEIGHTS), verbose=False)
+    q_br, qa_br = repquant.transform(
+        m.apply_fn, m.params, [m.inputs], P.repq_vit(4, 4, rules=FLOAT_WEIGHTS), verbose=False
+    )
     graph, plan = qa_br.analysis(q_br.params, m.inputs)
     branch = [g.point for g in plan.groups if not g.foldable and g.branch_foldable]
     assert branch and set(q_br.input_scales) == set(branch)

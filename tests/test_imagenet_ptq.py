@@ -76,7 +76,8 @@ def tiny_checkpoint(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tiny_vit")
     cfg = vit.ViTConfig(**TINY)
     variables = jax.jit(vit.VisionTransformer(cfg).init)(
-        jax.random.key(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))
+        jax.random.key(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    )
     ckpt = tmp_path / "tiny.safetensors"
     vit.save_safetensors(ckpt, variables, cfg)
     config_json = tmp_path / "tiny.json"
@@ -96,11 +97,28 @@ def _table_rows(text: str) -> dict[tuple[str, str], float]:
 def test_end_to_end_on_mocked_imagenet(mocked_imagenet, tiny_checkpoint, tmp_path):
     ckpt, config_json = tiny_checkpoint
     out = tmp_path / "results" / "imagenet_ptq.md"
-    top1 = imagenet_ptq.main([
-        "--data-dir", str(tmp_path), "--checkpoint", str(ckpt), "--config-json", str(config_json),
-        "--bits", "4", "--calib-samples", "8", "--eval-samples", "8", "--batch-size", "8",
-        "--repquant-steps", "2", "--out", str(out),
-    ])  # default --methods (repq_vit repquant); one bit width keeps the test quick
+    top1 = imagenet_ptq.main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--checkpoint",
+            str(ckpt),
+            "--config-json",
+            str(config_json),
+            "--bits",
+            "4",
+            "--calib-samples",
+            "8",
+            "--eval-samples",
+            "8",
+            "--batch-size",
+            "8",
+            "--repquant-steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )  # default --methods (repq_vit repquant); one bit width keeps the test quick
     rows = _table_rows(out.read_text())
     expected = {("float", "32/32"), ("repq_vit", "4/4"), ("repquant", "4/4")}
     assert set(rows) == expected
@@ -115,7 +133,8 @@ def test_preprocess_matches_timm_eval_transform():
     Image = pytest.importorskip("PIL.Image")
     mean, std = imagenet_ptq.NORMALIZATIONS["imagenet"]
     transform = timm_data.create_transform(
-        input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic", mean=mean, std=std)
+        input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic", mean=mean, std=std
+    )
     ours = imagenet_ptq.make_preprocess(224, 0.875, mean, std)
     rng = np.random.default_rng(0)
     for h, w in [(300, 451), (333, 256), (500, 375)]:
@@ -128,8 +147,7 @@ def test_preprocess_matches_timm_eval_transform():
 
 def test_grey_and_rgba_images_become_rgb():
     pre = imagenet_ptq.make_preprocess(32, 0.875, *imagenet_ptq.NORMALIZATIONS["inception"])
-    for image in (np.zeros((40, 50), np.uint8), np.zeros((40, 50, 1), np.uint8),
-                  np.full((50, 40, 4), 255, np.uint8)):
+    for image in (np.zeros((40, 50), np.uint8), np.zeros((40, 50, 1), np.uint8), np.full((50, 40, 4), 255, np.uint8)):
         x = pre(image)
         assert x.shape == (32, 32, 3)
         assert np.all(np.abs(x) == 1.0)  # 0 → -1, 255 → 1 with mean = std = 0.5
@@ -151,8 +169,7 @@ def test_clear_errors_for_missing_inputs(tmp_path, tiny_checkpoint):
     base = ["--config-json", str(config_json)]
     with pytest.raises(SystemExit, match="--checkpoint .*no such file"):
         with mock_data(policy=MockPolicy.USE_CODE, as_data_source_fn=fake_as_data_source):
-            imagenet_ptq.main(
-                ["--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x"), *base])
+            imagenet_ptq.main(["--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x"), *base])
     with pytest.raises(SystemExit, match="--data-dir .*no such folder"):
         imagenet_ptq.main(["--data-dir", str(tmp_path / "nope"), "--checkpoint", str(ckpt), *base])
     with pytest.raises(SystemExit, match="tfds build imagenet2012"):  # an empty data dir

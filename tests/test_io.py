@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+import zoo
 from flax.core import FrozenDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,8 +22,6 @@ import repquant_jax as rq
 from repquant_jax._src import io as rqio
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.state import QParams
-
-import zoo
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -97,8 +96,13 @@ def _rewrite_doc(path, out, edit):
 
 
 def _check_roundtrip(tmp_path, model, qparams, qapply, **load_kwargs):
-    meta = {"model": model.apply_fn.__qualname__, "bits": [4, 4], "acc": 0.1 + 0.2, "none": None,
-            "nested": {"ok": True, "name": "ü ∑ 🙂"}}
+    meta = {
+        "model": model.apply_fn.__qualname__,
+        "bits": [4, 4],
+        "acc": 0.1 + 0.2,
+        "none": None,
+        "nested": {"ok": True, "name": "ü ∑ 🙂"},
+    }
     path = tmp_path / "q.safetensors"
     rqio.save(path, qparams, meta)
     loaded, meta2 = rqio.load(path, **load_kwargs)
@@ -120,8 +124,17 @@ def test_roundtrip_linen_vit(tmp_path, vit):
     assert list(loaded.weights) == list(qparams.weights)
     assert list(loaded.activations) == list(qparams.activations)
     # Deterministic: saving the loaded qparams gives the same bytes.
-    rqio.save(tmp_path / "again.safetensors", loaded, {"model": model.apply_fn.__qualname__, "bits": [4, 4],
-              "acc": 0.1 + 0.2, "none": None, "nested": {"ok": True, "name": "ü ∑ 🙂"}})
+    rqio.save(
+        tmp_path / "again.safetensors",
+        loaded,
+        {
+            "model": model.apply_fn.__qualname__,
+            "bits": [4, 4],
+            "acc": 0.1 + 0.2,
+            "none": None,
+            "nested": {"ok": True, "name": "ü ∑ 🙂"},
+        },
+    )
     assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "q.safetensors").read_bytes()
 
 
@@ -252,8 +265,12 @@ def test_read_only_numpy_inputs_untouched(tmp_path):
 
 def test_metadata_must_be_json(tmp_path):
     q = _small_qparams()
-    for bad, where in [({"a": object()}, r"metadata\['a'\]"), ({"a": [1, np.float32(1.0)]}, r"metadata\['a'\]\[1\].*float\(\)"),
-                       ({1: "x"}, "non-str key 1"), ({"a": {"b": {2, 3}}}, r"metadata\['a'\]\['b'\]")]:
+    for bad, where in [
+        ({"a": object()}, r"metadata\['a'\]"),
+        ({"a": [1, np.float32(1.0)]}, r"metadata\['a'\]\[1\].*float\(\)"),
+        ({1: "x"}, "non-str key 1"),
+        ({"a": {"b": {2, 3}}}, r"metadata\['a'\]\['b'\]"),
+    ]:
         with pytest.raises(TypeError, match=where):
             rqio.save(tmp_path / "q.safetensors", q, bad)
     with pytest.raises(TypeError, match="mapping"):
@@ -388,7 +405,9 @@ def test_atomic_write_fsync_failure(saved, monkeypatch):
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
 
 
-@pytest.mark.parametrize("params", [None, {}, [], jnp.arange(3.0), 2.5], ids=["none", "empty_dict", "empty_list", "root_array", "root_float"])
+@pytest.mark.parametrize(
+    "params", [None, {}, [], jnp.arange(3.0), 2.5], ids=["none", "empty_dict", "empty_list", "root_array", "root_float"]
+)
 def test_trivial_params(tmp_path, params):
     qparams = QParams(params=params, weights={}, activations={}, input_offsets={}, output_offsets={})
     rqio.save(tmp_path / "q.safetensors", qparams)

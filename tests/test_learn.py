@@ -1,6 +1,5 @@
 """RepQuant's learned steps on small problems: each improves its objective or backs off."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

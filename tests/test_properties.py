@@ -1,13 +1,13 @@
 """Property-based tests over random small transformers (hypothesis): the fold is exact,
 log√2 equals its log2 shift-add form, disabled quantizers give the float model."""
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import conftest
 import repquant_jax as repquant
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.state import QParams
@@ -27,16 +27,28 @@ def _transformer(dim, heads, layers, seed):
     keys = iter(jax.random.split(jax.random.key(seed), 64))
 
     def dense(n_in, n_out):
-        return {"kernel": jax.random.normal(next(keys), (n_in, n_out)) / np.sqrt(n_in),
-                "bias": 0.1 * jax.random.normal(next(keys), (n_out,))}
+        return {
+            "kernel": jax.random.normal(next(keys), (n_in, n_out)) / np.sqrt(n_in),
+            "bias": 0.1 * jax.random.normal(next(keys), (n_out,)),
+        }
 
     def norm():
-        return {"scale": 1 + 0.5 * jax.random.uniform(next(keys), (dim,), minval=-1),
-                "bias": 0.2 * jax.random.normal(next(keys), (dim,))}
+        return {
+            "scale": 1 + 0.5 * jax.random.uniform(next(keys), (dim,), minval=-1),
+            "bias": 0.2 * jax.random.normal(next(keys), (dim,)),
+        }
 
-    params = {f"layer_{i}": {"ln1": norm(), "qkv": dense(dim, 3 * dim), "out": dense(dim, dim),
-                             "ln2": norm(), "fc1": dense(dim, 2 * dim), "fc2": dense(2 * dim, dim)}
-              for i in range(layers)}
+    params = {
+        f"layer_{i}": {
+            "ln1": norm(),
+            "qkv": dense(dim, 3 * dim),
+            "out": dense(dim, dim),
+            "ln2": norm(),
+            "fc1": dense(dim, 2 * dim),
+            "fc2": dense(2 * dim, dim),
+        }
+        for i in range(layers)
+    }
     params["final"] = norm()
     params["head"] = dense(dim, 5)
 
@@ -56,8 +68,12 @@ def _transformer(dim, heads, layers, seed):
 
 
 models = st.tuples(
-    st.sampled_from([8, 16, 24]), st.sampled_from([1, 2, 4]), st.integers(1, 2), st.integers(0, 2**16),
-    st.integers(2, 6), st.sampled_from([2, 3, 4, 6, 8]),
+    st.sampled_from([8, 16, 24]),
+    st.sampled_from([1, 2, 4]),
+    st.integers(1, 2),
+    st.integers(0, 2**16),
+    st.integers(2, 6),
+    st.sampled_from([2, 3, 4, 6, 8]),
 )
 
 

@@ -369,12 +369,8 @@ class JitTest(chex.TestCase):
             with self.subTest(kind=qp.kind, axis=qp.axis):
                 codes = self.variant(qz.quantize)(self.x, qp)
                 np.testing.assert_array_equal(codes, qz.quantize(self.x, qp))
-                np.testing.assert_array_equal(
-                    self.variant(qz.dequantize)(codes, qp), qz.dequantize(codes, qp)
-                )
-                np.testing.assert_array_equal(
-                    self.variant(qz.fake_quant)(self.x, qp), qz.fake_quant(self.x, qp)
-                )
+                np.testing.assert_array_equal(self.variant(qz.dequantize)(codes, qp), qz.dequantize(codes, qp))
+                np.testing.assert_array_equal(self.variant(qz.fake_quant)(self.x, qp), qz.fake_quant(self.x, qp))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_gradients(self):

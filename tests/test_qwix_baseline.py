@@ -47,8 +47,9 @@ def _bert_inputs(key, seq):
 
 def _bert():
     if "bert" not in _cache:
-        cfg = bert.BertConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
-                              max_position_embeddings=32)
+        cfg = bert.BertConfig(
+            vocab_size=100, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, max_position_embeddings=32
+        )
         model = bert.BertEncoder(cfg)
         calib = [_bert_inputs(jax.random.key(i), 12) for i in (1, 2)]
         x = _bert_inputs(jax.random.key(9), 9)  # another sequence length than calibration
@@ -70,8 +71,16 @@ def _error(name, w_bits, a_bits, static):
     if key not in _cache:
         model, variables, calib, x, ref = MODELS[name]()
         # Eager static builds skip three compiles (calibration, scale collection, apply).
-        apply, notes = qb.qwix_ptq(model, variables, calib, w_bits=w_bits, a_bits=a_bits, static=static,
-                                   static_granularity=GRANULARITY[name], jit=not static)
+        apply, notes = qb.qwix_ptq(
+            model,
+            variables,
+            calib,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            static=static,
+            static_granularity=GRANULARITY[name],
+            jit=not static,
+        )
         _cache[key] = (_rel(apply(*x, **KW[name]), ref), notes)
         print(f"{name} W{w_bits}A{a_bits} {'static' if static else 'dynamic'}: rel L2 {_cache[key][0]:.4f}")
     return _cache[key]
@@ -128,8 +137,17 @@ def test_static_attention_scales_not_swapped():
     model = _AttnV()
     calib = [(jax.random.normal(jax.random.key(i), (2, 6, 16)),) for i in (1, 2)]
     variables = model.init(jax.random.key(0), *calib[0])
-    apply, _ = qb.qwix_ptq(model, variables, calib, w_bits=8, a_bits=8, static=True, static_granularity="per_tensor",
-                           act_calibration_method="absmax,2", jit=False)
+    apply, _ = qb.qwix_ptq(
+        model,
+        variables,
+        calib,
+        w_bits=8,
+        a_bits=8,
+        static=True,
+        static_granularity="per_tensor",
+        act_calibration_method="absmax,2",
+        jit=False,
+    )
     assert _rel(apply(*calib[0]), model.apply(variables, *calib[0])) < 0.1
 
 
@@ -140,8 +158,14 @@ def test_qwix_qtprovider_swaps_attn_v_stats():
     model = _AttnV()
     x = jax.random.normal(jax.random.key(1), (2, 6, 16))
     variables = model.init(jax.random.key(0), x)
-    rule = dict(module_path=".*", op_names=("einsum",), weight_qtype="int8", act_qtype="int8",
-                act_static_scale=True, act_batch_axes=(0, 1, 2, 3))
+    rule = dict(
+        module_path=".*",
+        op_names=("einsum",),
+        weight_qtype="int8",
+        act_qtype="int8",
+        act_static_scale=True,
+        act_batch_axes=(0, 1, 2, 3),
+    )
     qt = qwix.quantize_model(model, qwix.QtProvider([qwix.QtRule(**rule)]))
     _, new = qt.apply(variables, x, mutable=["quant_stats"])
     stats = new["quant_stats"]
@@ -176,8 +200,12 @@ def test_widening_int4_is_exact():
     qw = qarray.quantize(b, qarray.HowToQuantize(qtype="int4", channelwise_axes=[1], calibration_method="absmax"))
     x, w = jax.random.normal(jax.random.key(0), (2, 14, 14, 1)), jax.random.normal(jax.random.key(1), (7, 7, 1, 4))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    how = lambda lhs: qcg.get_how_to_quantize(dimension_numbers=dn, for_lhs=lhs, qtype="int4",  # noqa: E731
-                                              calibration_method="absmax")
+    how = lambda lhs: qcg.get_how_to_quantize(
+        dimension_numbers=dn,
+        for_lhs=lhs,
+        qtype="int4",  # noqa: E731
+        calibration_method="absmax",
+    )
     qx, qk = qarray.quantize(x, how(True)), qarray.quantize(w, how(False))
     assert qa.qvalue.dtype == jnp.int4
     with qb._widened_sub_byte():

@@ -21,9 +21,7 @@ HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_chec
 def results():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run(
-        [sys.executable, HELPER, *PRESETS], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, HELPER, *PRESETS], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

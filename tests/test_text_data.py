@@ -19,10 +19,8 @@ except text.TextDataMissingError:
     HAVE_GENSIM = False
 HAVE_WORDNET = text.wordnet_dir(required=False) is not None
 
-needs_gensim = pytest.mark.skipif(
-    not HAVE_GENSIM, reason="gensim test data not installed (run make setup)")
-needs_wordnet = pytest.mark.skipif(
-    not HAVE_WORDNET, reason="wordnet-base not installed (run make setup)")
+needs_gensim = pytest.mark.skipif(not HAVE_GENSIM, reason="gensim test data not installed (run make setup)")
+needs_wordnet = pytest.mark.skipif(not HAVE_WORDNET, reason="wordnet-base not installed (run make setup)")
 
 
 @needs_gensim

@@ -1,7 +1,6 @@
 """The public transform: API shape, purity, determinism, rules, errors, fine-tuning."""
 
-import warnings
-
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +8,6 @@ import optax
 import pytest
 import zoo
 
-import conftest
 import repquant_jax as repquant
 
 P = conftest.zoo_presets
@@ -51,7 +49,9 @@ def test_w4a4_is_worse_than_w8a8(vit_block):
 
 def test_calib_batches_may_be_a_generator_of_single_arrays(vit_block):
     m = vit_block
-    q, qa = repquant.transform(m.apply_fn, m.params, (x for x in [m.inputs[0], m.inputs[0] * 2]), P.repq_vit(), verbose=False)
+    q, qa = repquant.transform(
+        m.apply_fn, m.params, (x for x in [m.inputs[0], m.inputs[0] * 2]), P.repq_vit(), verbose=False
+    )
     assert qa(q, m.inputs[0]).shape == m.inputs[0].shape
 
 
@@ -63,7 +63,9 @@ def test_same_seed_gives_bitwise_identical_qparams_and_inputs_are_untouched():
     before = jax.tree_util.tree_map(np.copy, params_np)
     batch = np.array(m.inputs[0])
     batch.setflags(write=False)
-    config = P.repquant(4, 4, dual_clipping=repquant.DualClipping(steps=10), reconstruction=repquant.Reconstruction(steps=10))
+    config = P.repquant(
+        4, 4, dual_clipping=repquant.DualClipping(steps=10), reconstruction=repquant.Reconstruction(steps=10)
+    )
     runs = [repquant.transform(m.apply_fn, params_np, [batch], config, verbose=False)[0] for _ in range(2)]
     a, b = (jax.tree_util.tree_leaves(r) for r in runs)
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -228,7 +230,9 @@ def test_streaming_calibration_in_chunks_is_close_to_one_chunk(vit_block):
     ref = m.apply_fn(m.params, *m.inputs)
     errors = []
     for chunk in (16, 1):
-        q, qa = repquant.transform(m.apply_fn, m.params, calib, P.repq_vit(6, 6, calibration_chunk=chunk), verbose=False)
+        q, qa = repquant.transform(
+            m.apply_fn, m.params, calib, P.repq_vit(6, 6, calibration_chunk=chunk), verbose=False
+        )
         errors.append(_rel(qa(q, *m.inputs), ref))
     assert abs(errors[0] - errors[1]) < 0.5 * errors[0]
 

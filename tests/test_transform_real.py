@@ -13,24 +13,34 @@ import repquant_jax as repquant
 from repquant_zoo.models import bert, vit
 
 P = repquant.presets
-LIGHT_LEARNING = dict(
-    dual_clipping=repquant.DualClipping(steps=20), reconstruction=repquant.Reconstruction(steps=20)
-)
+LIGHT_LEARNING = dict(dual_clipping=repquant.DualClipping(steps=20), reconstruction=repquant.Reconstruction(steps=20))
 CALIB = [
-    "A man is playing a guitar.", "The weather is cold today in the northern mountains.",
-    "Stocks fell sharply after the central bank raised interest rates.", "A child rides a bike down the street.",
-    "The committee approved the new budget for schools and hospitals.", "She cooked pasta with tomato sauce.",
-    "Scientists discovered a new species of frog in the rainforest.", "The train to Berlin was delayed by an hour.",
-    "Quantization maps floats onto a few integers.", "He plays the violin in an orchestra.",
-    "The museum opens at nine in the morning.", "Rain is expected over the weekend.",
-    "They planted tomatoes in the garden.", "The election results were announced last night.",
-    "Our team won the football match.", "A dog is chasing a ball in the park.",
+    "A man is playing a guitar.",
+    "The weather is cold today in the northern mountains.",
+    "Stocks fell sharply after the central bank raised interest rates.",
+    "A child rides a bike down the street.",
+    "The committee approved the new budget for schools and hospitals.",
+    "She cooked pasta with tomato sauce.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The train to Berlin was delayed by an hour.",
+    "Quantization maps floats onto a few integers.",
+    "He plays the violin in an orchestra.",
+    "The museum opens at nine in the morning.",
+    "Rain is expected over the weekend.",
+    "They planted tomatoes in the garden.",
+    "The election results were announced last night.",
+    "Our team won the football match.",
+    "A dog is chasing a ball in the park.",
 ]
 EVAL = [
-    "Someone plays an acoustic guitar.", "It is freezing in the mountains this morning.",
-    "The central bank increased rates and markets dropped.", "A kid is cycling on the road.",
-    "Lawmakers passed funding for public services.", "Dinner was spaghetti with a red sauce.",
-    "A new frog species was found in the jungle.", "Trains were late because of snow.",
+    "Someone plays an acoustic guitar.",
+    "It is freezing in the mountains this morning.",
+    "The central bank increased rates and markets dropped.",
+    "A kid is cycling on the road.",
+    "Lawmakers passed funding for public services.",
+    "Dinner was spaghetti with a red sauce.",
+    "A new frog species was found in the jungle.",
+    "Trains were late because of snow.",
 ]
 
 
@@ -72,7 +82,9 @@ def test_minilm_w8a8_stays_close_to_float(minilm, preset):
     ref = apply_fn(variables, *evals)
     errors = {}
     for bits in (8, 4):
-        qparams, qapply = repquant.transform(apply_fn, variables, calib, getattr(P, preset)(bits, bits, **overrides), verbose=False)
+        qparams, qapply = repquant.transform(
+            apply_fn, variables, calib, getattr(P, preset)(bits, bits, **overrides), verbose=False
+        )
         out = qapply(qparams, *evals)
         errors[bits] = (_rel(out, ref), float(jnp.mean(jnp.sum(out * ref, -1) / jnp.linalg.norm(out, axis=-1))))
     print(f"\nMiniLM {preset}: W8A8 rel err {errors[8][0]:.4f} cos {errors[8][1]:.4f}; W4A4 rel err {errors[4][0]:.4f}")
@@ -120,7 +132,9 @@ def test_trained_pre_ln_vit_w8a8_stays_close_to_float(fashion_vit, preset):
     apply_fn, variables, calib, evals = fashion_vit
     overrides = LIGHT_LEARNING if preset == "repquant" else {}
     ref = apply_fn(variables, evals)
-    qparams, qapply = repquant.transform(apply_fn, variables, calib, getattr(P, preset)(8, 8, **overrides), verbose=False)
+    qparams, qapply = repquant.transform(
+        apply_fn, variables, calib, getattr(P, preset)(8, 8, **overrides), verbose=False
+    )
     err = _rel(qapply(qparams, evals), ref)
     print(f"\nViT (Fashion-MNIST) {preset} W8A8 rel err {err:.4f}")
     assert err < W8A8_BOUND[preset]
@@ -147,5 +161,7 @@ def test_minilm_integer_apply_differs_from_qapply_by_float_rounding_only(minilm)
     fake, integer = qapply(qparams, *evals), rqe.integer_apply(exported, *evals)
     nudged = qparams.replace(params=jax.tree_util.tree_map(lambda a: a * (1 + 2.0**-22), qparams.params))
     sensitivity = _rel(qapply(nudged, *evals), fake)
-    print(f"\nMiniLM W8A8: integer vs fake-quant {_rel(integer, fake):.4f}, fake-quant vs 2-ulp params {sensitivity:.4f}")
+    print(
+        f"\nMiniLM W8A8: integer vs fake-quant {_rel(integer, fake):.4f}, fake-quant vs 2-ulp params {sensitivity:.4f}"
+    )
     assert _rel(integer, fake) <= max(2 * sensitivity, 1e-4)

@@ -49,7 +49,8 @@ actually exercised, while activations stay O(1).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -228,8 +229,12 @@ class NNXViTBlock(nnx.Module):
     def __init__(self, dim: int, heads: int, hidden: int, *, rngs: nnx.Rngs):
         self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=dim, decode=False, deterministic=True,
-            keep_rngs=False, rngs=rngs,
+            num_heads=heads,
+            in_features=dim,
+            decode=False,
+            deterministic=True,
+            keep_rngs=False,
+            rngs=rngs,
         )
         self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
         self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
@@ -311,10 +316,15 @@ def plain_jax_transformer(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooMod
 
     # per layer: wq, wk, wv, wo, fc1, fc2 (x2) + head = 13.
     expected = _counts(
-        13, 4, 2, 5,
+        13,
+        4,
+        2,
+        5,
         [
-            "layer_0/ln1->wq,wk,wv", "layer_0/ln2->fc1",
-            "layer_1/ln1->wq,wk,wv", "layer_1/ln2->fc1",
+            "layer_0/ln1->wq,wk,wv",
+            "layer_0/ln2->fc1",
+            "layer_1/ln1->wq,wk,wv",
+            "layer_1/ln2->fc1",
             "final_ln->(mean over tokens)->head",
         ],
     )
@@ -407,9 +417,7 @@ def llama_block(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
     dim, heads, hidden = 32, 4, 64
     x = _normal(seed, 1, (batch, seq, dim))
     # q, k, v, o, gate, up, down.
-    expected = _counts(
-        7, 2, 1, 2, ["attention_norm->q_proj,k_proj,v_proj", "ffn_norm->gate_proj,up_proj"]
-    )
+    expected = _counts(7, 2, 1, 2, ["attention_norm->q_proj,k_proj,v_proj", "ffn_norm->gate_proj,up_proj"])
     return _linen_model(LlamaBlock(heads, hidden), seed, (x,), expected)
 
 
@@ -480,10 +488,15 @@ def vit_with_head(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
     x = _normal(seed, 1, (batch, seq, in_dim))
     # patch_embed + 2 x (q, k, v, out, fc1, fc2) + head = 14.
     expected = _counts(
-        14, 4, 2, 5,
+        14,
+        4,
+        2,
+        5,
         [
-            "block_0/ln1->query,key,value", "block_0/ln2->fc1",
-            "block_1/ln1->query,key,value", "block_1/ln2->fc1",
+            "block_0/ln1->query,key,value",
+            "block_0/ln2->fc1",
+            "block_1/ln1->query,key,value",
+            "block_1/ln2->fc1",
             "final_ln->head",
         ],
     )
@@ -521,10 +534,14 @@ def _attention(p, h, heads, mask=None, head_mask=None):
 def _block_params(key, dim, hidden):
     ks = jax.random.split(key, 8)
     return {
-        "ln1": _ln_params(ks[0], dim), "wq": _dense_init(ks[1], dim, dim),
-        "wk": _dense_init(ks[2], dim, dim), "wv": _dense_init(ks[3], dim, dim),
-        "wo": _dense_init(ks[4], dim, dim), "ln2": _ln_params(ks[5], dim),
-        "fc1": _dense_init(ks[6], dim, hidden), "fc2": _dense_init(ks[7], hidden, dim),
+        "ln1": _ln_params(ks[0], dim),
+        "wq": _dense_init(ks[1], dim, dim),
+        "wk": _dense_init(ks[2], dim, dim),
+        "wv": _dense_init(ks[3], dim, dim),
+        "wo": _dense_init(ks[4], dim, dim),
+        "ln2": _ln_params(ks[5], dim),
+        "fc1": _dense_init(ks[6], dim, hidden),
+        "fc2": _dense_init(ks[7], hidden, dim),
     }
 
 
@@ -665,7 +682,10 @@ def eos_pooling(seed: int = 0, batch: int = 2, seq: int = 5) -> ZooModel:
     end-of-text token (a gather) before the projection."""
     dim = 16
     key = jax.random.key(seed)
-    params = {"ln": _ln_params(jax.random.fold_in(key, 0), dim), "proj": _dense_init(jax.random.fold_in(key, 1), dim, 8, bias=False)}
+    params = {
+        "ln": _ln_params(jax.random.fold_in(key, 0), dim),
+        "proj": _dense_init(jax.random.fold_in(key, 1), dim, 8, bias=False),
+    }
     x = _normal(seed, 1, (batch, seq, dim))
     ids = jax.random.randint(jax.random.fold_in(key, 2), (batch, seq), 0, 50)
 

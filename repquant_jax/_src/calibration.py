@@ -142,9 +142,7 @@ def _check_data(x, *, nonnegative: bool = False) -> jax.Array:
         if not np.isfinite(host).all():
             raise ValueError("calibration data contains NaN or Inf")
         if nonnegative and (host < 0).any():
-            raise ValueError(
-                f"calibration data for a log quantizer must be >= 0, got min {host.min()}"
-            )
+            raise ValueError(f"calibration data for a log quantizer must be >= 0, got min {host.min()}")
         return jnp.asarray(host)
     if not isinstance(arr, jax.core.Tracer):
         if not bool(jnp.isfinite(arr).all()):
@@ -152,9 +150,7 @@ def _check_data(x, *, nonnegative: bool = False) -> jax.Array:
         if nonnegative:
             xmin = float(arr.min())
             if xmin < 0:
-                raise ValueError(
-                    f"calibration data for a log quantizer must be >= 0, got min {xmin}"
-                )
+                raise ValueError(f"calibration data for a log quantizer must be >= 0, got min {xmin}")
     return arr
 
 
@@ -347,9 +343,7 @@ def minmax(x, bits: int, axis: int | None = None, symmetric: bool = False) -> Qu
     return _finish(scale, zero_point, bits, axis, symmetric)
 
 
-def percentile(
-    x, bits: int, p: float = 0.9999, axis: int | None = None, symmetric: bool = False
-) -> QuantParams:
+def percentile(x, bits: int, p: float = 0.9999, axis: int | None = None, symmetric: bool = False) -> QuantParams:
     """Fits a uniform quantizer to ``[quantile(x, 1-p), quantile(x, p)]``.
 
     Quantiles use NumPy's default linear interpolation and are exact for

@@ -34,7 +34,9 @@ def channel_ranges(x: Any) -> np.ndarray:
     return x2.max(0) - x2.min(0)
 
 
-def point_values(apply_fn: Callable[..., Any], params: Any, *inputs: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+def point_values(
+    apply_fn: Callable[..., Any], params: Any, *inputs: Any, names: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Float values of the named activation points (as `repquant_jax._src.inspect` names them).
 
     Args:
@@ -137,7 +139,9 @@ def inject_outliers(
         if name not in by_name:
             raise ValueError(f"no norm group named {name!r}; groups: {sorted(by_name)}")
         if not by_name[name].foldable:
-            raise ValueError(f"norm group {name!r} is not foldable, so scaling it would change the model: {by_name[name].reason}")
+            raise ValueError(
+                f"norm group {name!r} is not foldable, so scaling it would change the model: {by_name[name].reason}"
+            )
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = [np.array(leaf, copy=True) for leaf in leaves]
     rng = np.random.default_rng(seed)

@@ -96,10 +96,10 @@ from flax import struct
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
-from repquant_jax._src.interpret import Hooks, evaluate
-from repquant_jax._src.sites import Plan
 from repquant_jax._src.hooks import affine_input, check_sites_exist, quant_hooks
+from repquant_jax._src.interpret import Hooks, evaluate
 from repquant_jax._src.qapply import QApply
+from repquant_jax._src.sites import Plan
 from repquant_jax._src.state import QParams
 from repquant_jax._src.types import LOG_KINDS, MATMUL_PRIMITIVES, log_zero_code
 
@@ -423,9 +423,7 @@ def export(
             new_leaves.append(Dropped(tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name))
         else:
             new_leaves.append(leaf)
-    integer_points = tuple(
-        name for name, qp in qparams.activations.items() if _is_integer(qp.zero_point)
-    )
+    integer_points = tuple(name for name, qp in qparams.activations.items() if _is_integer(qp.zero_point))
     return Exported(
         params=jax.tree_util.tree_unflatten(treedef, new_leaves),
         weights=weights,

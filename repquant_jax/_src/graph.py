@@ -253,9 +253,7 @@ class _Builder:
 
     def add(self, primitive, inputs, out_avals, name, iteration, params, fn) -> list[int]:
         outs = [self.new_value(aval) for aval in out_avals]
-        self.nodes.append(
-            Node(primitive, tuple(inputs), tuple(outs), name, iteration, dict(params), fn)
-        )
+        self.nodes.append(Node(primitive, tuple(inputs), tuple(outs), name, iteration, dict(params), fn))
         return outs
 
     def inline(self, jaxpr, consts, in_ids, prefix: str, iteration: tuple[int, ...]) -> list[int]:
@@ -316,7 +314,12 @@ class _Builder:
                 aval = self.avals[x]
                 sliced = jax.core.ShapedArray(aval.shape[1:], aval.dtype)
                 x_i += self.add(
-                    "scan_slice", [x], [sliced], name, iteration + (i,), {"index": i},
+                    "scan_slice",
+                    [x],
+                    [sliced],
+                    name,
+                    iteration + (i,),
+                    {"index": i},
                     lambda a, i=i: (a[i],),
                 )
             outs = self.inline(body.jaxpr, body.consts, consts + carry + x_i, name, iteration + (i,))
@@ -326,7 +329,12 @@ class _Builder:
         for k in range(n_ys):
             parts = [ys_per_step[i][k] for i in range(length)]
             stacked += self.add(
-                "scan_stack", parts, [eqn.outvars[n_carry + k].aval], name, iteration, {},
+                "scan_stack",
+                parts,
+                [eqn.outvars[n_carry + k].aval],
+                name,
+                iteration,
+                {},
                 lambda *a: (jnp.stack(a),),
             )
         return carry + stacked

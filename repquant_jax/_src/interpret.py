@@ -116,9 +116,7 @@ def evaluate_batches(
     rewrites, matmul_hooks, matmul_fns = hooks.rewrites, hooks.operands, hooks.matmul_fns
     value_hooks = hooks.values
     if len(param_leaves) != len(graph.param_ids):
-        raise ValueError(
-            f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}"
-        )
+        raise ValueError(f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}")
     n_batches = len(batches)
     last_use = _last_use(graph)
     # shared: input-independent values (one copy); per_batch: a list of n_batches values.

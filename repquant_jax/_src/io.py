@@ -141,8 +141,7 @@ def _safetensors():
         import safetensors.numpy
     except ImportError as e:  # pragma: no cover
         raise ImportError(
-            "repquant_jax._src.io needs the 'safetensors' package: pip install safetensors "
-            "(or repquant-jax[models])"
+            "repquant_jax._src.io needs the 'safetensors' package: pip install safetensors (or repquant-jax[models])"
         ) from e
     return safetensors
 
@@ -514,7 +513,10 @@ def _read_header(data: bytes, path: str) -> dict[str, Any]:
     ends = [
         v["data_offsets"][1]
         for k, v in header.items()
-        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+        if k != "__metadata__"
+        and isinstance(v, dict)
+        and isinstance(v.get("data_offsets"), list)
+        and len(v["data_offsets"]) == 2
     ]
     have = len(data) - 8 - n
     need = max([e for e in ends if isinstance(e, int)], default=0)
@@ -535,7 +537,9 @@ def _read_doc(header: Mapping[str, Any], path: str) -> dict[str, Any]:
     except (TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupted repquant-jax header (its JSON document does not parse: {e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a repquant-jax file (format is {doc.get('format') if isinstance(doc, dict) else doc!r})")
+        raise ValueError(
+            f"{path}: not a repquant-jax file (format is {doc.get('format') if isinstance(doc, dict) else doc!r})"
+        )
     version = doc.get("format_version")
     if type(version) is not int or version < 1:
         raise ValueError(f"{path}: corrupted repquant-jax header (format_version is {version!r})")

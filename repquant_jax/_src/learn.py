@@ -267,7 +267,8 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
     """
     rc = config.reconstruction
     sites = [
-        w for w in plan.weights
+        w
+        for w in plan.weights
         if w.name in qparams.weights and graph.nodes[w.node].primitive == "dot_general" and w.owns_leaf
     ]
     rng = np.random.default_rng(config.seed + 7)
@@ -321,5 +322,10 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
 
         return hook
 
-    evaluate_batches(graph, leaves, batch_leaves, hooks.replace(operands={**hooks.operands, **{w.node: reconstructor(w) for w in sites}}))
+    evaluate_batches(
+        graph,
+        leaves,
+        batch_leaves,
+        hooks.replace(operands={**hooks.operands, **{w.node: reconstructor(w) for w in sites}}),
+    )
     return qparams.replace(params=params_with_weights(qparams.params, updates))

@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -95,19 +94,19 @@ from repquant_jax._src import types
 from repquant_jax._src.types import QUANTIZER_KINDS, QuantizerKind, log_zero_code
 
 __all__ = [
-        "KINDS",
-        "Kind",
-        "QuantParams",
-        "code_range",
-        "dequantize",
-        "fake_quant",
-        "log2",
-        "log_sqrt2",
-        "log_sqrt2_matmul_shift_add",
-        "log_sqrt2_to_log2_terms",
-        "quantize",
-        "symmetric",
-        "uniform",
+    "KINDS",
+    "Kind",
+    "QuantParams",
+    "code_range",
+    "dequantize",
+    "fake_quant",
+    "log2",
+    "log_sqrt2",
+    "log_sqrt2_matmul_shift_add",
+    "log_sqrt2_to_log2_terms",
+    "quantize",
+    "symmetric",
+    "uniform",
 ]
 
 Kind = QuantizerKind
@@ -191,18 +190,11 @@ def _check_scale(scale: jax.Array) -> None:
 
 def _check_param_shapes(scale: jax.Array, zero_point: jax.Array, axis: int | None) -> None:
     if axis is None and scale.ndim != 0:
-        raise ValueError(
-            f"a per-tensor quantizer (axis=None) needs a scalar scale, got shape {scale.shape}"
-        )
+        raise ValueError(f"a per-tensor quantizer (axis=None) needs a scalar scale, got shape {scale.shape}")
     if axis is not None and scale.ndim != 1:
-        raise ValueError(
-            f"a per-channel quantizer (axis={axis}) needs a scale of shape (C,), "
-            f"got shape {scale.shape}"
-        )
+        raise ValueError(f"a per-channel quantizer (axis={axis}) needs a scale of shape (C,), got shape {scale.shape}")
     if zero_point.shape != scale.shape:
-        raise ValueError(
-            f"zero_point shape {zero_point.shape} does not match scale shape {scale.shape}"
-        )
+        raise ValueError(f"zero_point shape {zero_point.shape} does not match scale shape {scale.shape}")
 
 
 def _check_static(qp: QuantParams) -> None:
@@ -333,18 +325,14 @@ def _broadcast_param(p: jax.Array, shape: tuple[int, ...], axis: int | None) -> 
     p = _as_f32(p)
     if axis is None:
         if p.ndim != 0:
-            raise ValueError(
-                f"a per-tensor quantizer (axis=None) needs a scalar scale, got shape {p.shape}"
-            )
+            raise ValueError(f"a per-tensor quantizer (axis=None) needs a scalar scale, got shape {p.shape}")
         return p
     ndim = len(shape)
     ax = axis + ndim if axis < 0 else axis
     if not 0 <= ax < ndim:
         raise ValueError(f"quantizer axis {axis} is out of range for x of shape {shape}")
     if p.shape != (shape[ax],):
-        raise ValueError(
-            f"per-channel scale has shape {p.shape} but x.shape[{axis}] = {shape[ax]}"
-        )
+        raise ValueError(f"per-channel scale has shape {p.shape} but x.shape[{axis}] = {shape[ax]}")
     bshape = [1] * ndim
     bshape[ax] = shape[ax]
     return p.reshape(bshape)
@@ -570,9 +558,7 @@ def log_sqrt2_to_log2_terms(codes) -> tuple[jax.Array, jax.Array]:
 
 
 @jax.jit
-def log_sqrt2_matmul_shift_add(
-    attn_codes, qp_attn: QuantParams, v_codes, qp_v: QuantParams
-) -> jax.Array:
+def log_sqrt2_matmul_shift_add(attn_codes, qp_attn: QuantParams, v_codes, qp_v: QuantParams) -> jax.Array:
     """Computes ``attn @ V`` from codes with two shift-and-add accumulators.
 
     Implements the log2 form of docs/method.md, "Softmax":
@@ -607,18 +593,14 @@ def log_sqrt2_matmul_shift_add(
     _check_static(qp_v)
     if qp_attn.kind != "log_sqrt2" or qp_attn.axis is not None:
         raise ValueError(
-            "attn quantizer must be a per-tensor 'log_sqrt2' quantizer, "
-            f"got kind={qp_attn.kind!r}, axis={qp_attn.axis}"
+            f"attn quantizer must be a per-tensor 'log_sqrt2' quantizer, got kind={qp_attn.kind!r}, axis={qp_attn.axis}"
         )
     if qp_v.kind not in _UNIFORM_KINDS:
         raise ValueError(f"V quantizer must be 'uniform' or 'symmetric', got {qp_v.kind!r}")
     attn_codes = jnp.asarray(attn_codes).astype(jnp.int32)
     v_codes = jnp.asarray(v_codes)
     if qp_v.axis is not None and qp_v.axis not in (-1, v_codes.ndim - 1):
-        raise ValueError(
-            "V quantizer must be per tensor or per channel along the last axis, "
-            f"got axis={qp_v.axis}"
-        )
+        raise ValueError(f"V quantizer must be per tensor or per channel along the last axis, got axis={qp_v.axis}")
     s_v = _broadcast_param(qp_v.scale, v_codes.shape, qp_v.axis)
     z_v = _broadcast_param(qp_v.zero_point, v_codes.shape, qp_v.axis)
     v_centered = v_codes.astype(jnp.float32) - z_v
@@ -628,9 +610,7 @@ def log_sqrt2_matmul_shift_add(
     e, odd = log_sqrt2_to_log2_terms(attn_codes)
     p_all = jnp.where(nonzero, _pow2_neg(e), 0.0)
     p_odd = jnp.where(nonzero & odd, p_all, 0.0)
-    mm = functools.partial(
-        jnp.einsum, "...ij,...jd->...id", precision=jax.lax.Precision.HIGHEST
-    )
+    mm = functools.partial(jnp.einsum, "...ij,...jd->...id", precision=jax.lax.Precision.HIGHEST)
     acc = mm(p_all, v_centered) + jnp.float32(_SQRT2 - 1.0) * mm(p_odd, v_centered)
     s_out = s_a * (s_v if qp_v.axis is None else s_v.reshape(-1))
     return (s_out * acc).astype(jnp.float32)

@@ -65,8 +65,18 @@ class SiteReport:
         scale = np.asarray(qp.scale)
         granularity = "per_tensor" if qp.axis is None else "per_channel"
         return cls(
-            name, role, qp.bits, f"{qp.kind} {granularity}", float(scale.min()), float(scale.max()), mse, rel, note,
-            kept, seen, fold,
+            name,
+            role,
+            qp.bits,
+            f"{qp.kind} {granularity}",
+            float(scale.min()),
+            float(scale.max()),
+            mse,
+            rel,
+            note,
+            kept,
+            seen,
+            fold,
         )
 
 
@@ -91,7 +101,9 @@ class TransformReport:
             f"{sum(s.bits > 0 for s in self.sites)} of {len(self.sites)} sites quantized; "
             f"{sum(s.fold in ('folded', 'branch') for s in self.sites)} norm groups folded",
         ]
-        lines += [f"  highest relative MSE: {s.name} {s.relative_mse:.3g} ({s.quantizer}, {s.bits} bits)" for s in worst]
+        lines += [
+            f"  highest relative MSE: {s.name} {s.relative_mse:.3g} ({s.quantizer}, {s.bits} bits)" for s in worst
+        ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -294,9 +294,7 @@ class _Analysis:
         self.consumers = graph.consumers()
         self.outputs = set(graph.output_ids)
         # value id -> (param leaf index, chain of layout node indices from the leaf)
-        self.origin: dict[int, tuple[int, tuple[int, ...]]] = {
-            vid: (k, ()) for k, vid in enumerate(graph.param_ids)
-        }
+        self.origin: dict[int, tuple[int, tuple[int, ...]]] = {vid: (k, ()) for k, vid in enumerate(graph.param_ids)}
         for i, node in enumerate(graph.nodes):
             if node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) == 1:
                 src = self.origin.get(node.inputs[0])
@@ -523,12 +521,13 @@ class _Analysis:
             pname = f"{first}:{role}"
             point_of[src] = pname
             source = (
-                "softmax" if self.softmax_source(src, softmax_out) is not None
-                else "input" if src in input_ids else "other"
+                "softmax"
+                if self.softmax_source(src, softmax_out) is not None
+                else "input"
+                if src in input_ids
+                else "other"
             )
-            points.append(
-                ActivationPoint(pname, src, tuple(g.avals[src].shape), tuple(r for r, _ in rs), source)
-            )
+            points.append(ActivationPoint(pname, src, tuple(g.avals[src].shape), tuple(r for r, _ in rs), source))
 
         # Fill in the point names on sites, and whether each owns what it reads.
         weights = [
@@ -759,7 +758,8 @@ class _Analysis:
             and last not in dn.collapsed_slice_dims
             and last not in dn.start_index_map
             and last not in getattr(dn, "operand_batching_dims", ())
-            and dn.offset_dims and dn.offset_dims[-1] == out_ndim - 1
+            and dn.offset_dims
+            and dn.offset_dims[-1] == out_ndim - 1
         )
 
     def fold_group(self, point: ActivationPoint, weight_by_node) -> FoldGroup | None:
@@ -981,7 +981,10 @@ class _Analysis:
             if len(readers) != 1 or vid in self.outputs:
                 return None, None, None
             reader = self.g.nodes[readers[0]]
-            if reader.primitive not in ("transpose", "reshape", "convert_element_type", "copy") or len(reader.inputs) != 1:
+            if (
+                reader.primitive not in ("transpose", "reshape", "convert_element_type", "copy")
+                or len(reader.inputs) != 1
+            ):
                 break
             chain.append(readers[0])
             vid = reader.outputs[0]

@@ -76,7 +76,9 @@ def resolve_specs(
     specs: dict[str, SiteSpec] = {}
     used: set[int] = set()
     for w in plan.weights:
-        spec = SiteSpec(w.name, "weight", config.w_bits, "uniform", config.weight_granularity, config.weight_calibration)
+        spec = SiteSpec(
+            w.name, "weight", config.w_bits, "uniform", config.weight_granularity, config.weight_calibration
+        )
         specs[w.name] = _apply_rules(spec, config, used)
     for p in plan.points:
         kind, granularity, bits, note = "uniform", "per_tensor", config.a_bits, ""

@@ -91,7 +91,9 @@ class _Calibrator:
     def _weight_fn(self, w: WeightSite) -> Callable[[Any], Any]:
         def quantize(view):
             if w.name not in self.weights:
-                self.weights[w.name] = calibrate_weight(weight_matrix(view, w.contracting), self.specs[w.name], self.config)
+                self.weights[w.name] = calibrate_weight(
+                    weight_matrix(view, w.contracting), self.specs[w.name], self.config
+                )
             return fake_quant_weight(view, self.weights[w.name], w.contracting)
 
         return quantize

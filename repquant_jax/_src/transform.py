@@ -92,4 +92,3 @@ def transform(
     qparams = state.qparams(traced)
     qparams = qparams.replace(params=placed_like(qparams.params, params))
     return qparams, QApply(apply_fn, traced.params_treedef, report)
-

@@ -61,16 +61,13 @@ def _fetch(source: Any, indices: Sequence[int]) -> list[Any]:
     return [source[int(i)] for i in indices]
 
 
-def _stack(
-    items: list[Any], preprocess: Preprocess | None, image_key: str
-) -> np.ndarray:
+def _stack(items: list[Any], preprocess: Preprocess | None, image_key: str) -> np.ndarray:
     fn = preprocess if preprocess is not None else np.asarray
     try:
         return np.stack([np.asarray(fn(it[image_key])) for it in items])
     except KeyError:
         raise KeyError(
-            f"examples have no {image_key!r} feature (keys: {sorted(items[0])}); "
-            "pass image_key=..."
+            f"examples have no {image_key!r} feature (keys: {sorted(items[0])}); pass image_key=..."
         ) from None
     except ValueError as e:
         raise ValueError(
@@ -137,9 +134,7 @@ def calibration_batches(
     num_samples = _positive_int("num_samples", num_samples)
     batch_size = _positive_int("batch_size", batch_size)
     if num_samples > n:
-        raise ValueError(
-            f"num_samples={num_samples} is larger than the data source ({n} examples)"
-        )
+        raise ValueError(f"num_samples={num_samples} is larger than the data source ({n} examples)")
     batch_size = min(batch_size, num_samples)
     if num_samples % batch_size:
         raise ValueError(
@@ -150,7 +145,7 @@ def calibration_batches(
 
     def gen() -> Iterator[np.ndarray]:
         for start in range(0, num_samples, batch_size):
-            items = _fetch(source, indices[start:start + batch_size])
+            items = _fetch(source, indices[start : start + batch_size])
             yield _stack(items, preprocess, image_key)
 
     return gen()
@@ -183,8 +178,7 @@ def eval_batches(
                 labels = np.asarray([it[label_key] for it in items], dtype=np.int64)
             except KeyError:
                 raise KeyError(
-                    f"examples have no {label_key!r} feature (keys: {sorted(items[0])}); "
-                    "pass label_key=..."
+                    f"examples have no {label_key!r} feature (keys: {sorted(items[0])}); pass label_key=..."
                 ) from None
             yield images, labels
 

@@ -38,8 +38,7 @@ try:
     import tensorflow_datasets as tfds
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "repquant_zoo.data needs tensorflow-datasets (no TensorFlow required): "
-        "pip install 'repquant-jax[data]'"
+        "repquant_zoo.data needs tensorflow-datasets (no TensorFlow required): pip install 'repquant-jax[data]'"
     ) from e
 
 __all__ = [
@@ -62,8 +61,16 @@ __all__ = [
 NAME = "repquant_fashion_mnist"
 #: Label id → class name (the order of the original dataset).
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 #: Examples per split.
 NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
@@ -132,9 +139,7 @@ def _read_split(idx_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(idx_dir / img_file)
     labels = read_idx(idx_dir / lbl_file)
     if images.shape != (NUM_EXAMPLES[split], 28, 28) or labels.shape != (NUM_EXAMPLES[split],):
-        raise ValueError(
-            f"unexpected Fashion-MNIST {split} shapes: images {images.shape}, labels {labels.shape}"
-        )
+        raise ValueError(f"unexpected Fashion-MNIST {split} shapes: images {images.shape}, labels {labels.shape}")
     return images[..., None], labels.astype(np.int64)
 
 
@@ -210,8 +215,7 @@ def build(
         return root
     find_idx_dir(idx_dir)  # fail early with the install hint
     if not quiet:
-        print(f"repquant_jax: building {NAME} (70k examples) in {root} ...",
-              file=sys.stderr, flush=True)
+        print(f"repquant_jax: building {NAME} (70k examples) in {root} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     tqdm_utils = tfds.core.utils.tqdm_utils
     bars_were_on = getattr(tqdm_utils, "_active", True)
@@ -224,8 +228,7 @@ def build(
     finally:
         tqdm_utils.display_progress_bar(bars_were_on)
     if not quiet:
-        print(f"repquant_jax: {NAME} ready ({time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr, flush=True)
+        print(f"repquant_jax: {NAME} ready ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     return root
 
 

@@ -127,8 +127,8 @@ def gensim_test_data_dir() -> Path:
         data = d / "test" / "test_data"
         if all((data / f).is_file() for f in _LEE_FILES):
             return data
-    where = f"found gensim at {', '.join(map(str, dirs))} but not its test data" if dirs else (
-        "gensim is not installed"
+    where = (
+        f"found gensim at {', '.join(map(str, dirs))} but not its test data" if dirs else ("gensim is not installed")
     )
     raise TextDataMissingError(
         f"gensim's test data (lee.cor, lee_background.cor, similarities0-1.txt) is missing: "
@@ -210,9 +210,7 @@ _TRAILING_SECTIONS = re.compile(
     r"Sources|Footnotes|Citations|Notes and references)\s*==+\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
-_DROP_NAMESPACES = re.compile(
-    r"^\s*:?\s*(File|Image|Category|Media|wikt|Wiktionary|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I
-)
+_DROP_NAMESPACES = re.compile(r"^\s*:?\s*(File|Image|Category|Media|wikt|Wiktionary|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
 
 
 def _strip_nested(text: str, pattern: re.Pattern[str], repl: str = "") -> str:
@@ -244,8 +242,7 @@ def _wiki_to_paragraphs(markup: str) -> list[str]:
     t = re.sub(r"<!--.*?-->", "", t, flags=re.S)
     t = re.sub(r"<ref[^>/]*/>", "", t)
     t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
-    for tag in ("math", "gallery", "timeline", "score", "imagemap", "syntaxhighlight",
-                "source", "code", "chem", "ce"):
+    for tag in ("math", "gallery", "timeline", "score", "imagemap", "syntaxhighlight", "source", "code", "chem", "ce"):
         t = re.sub(rf"<{tag}\b[^>]*>.*?</{tag}>", "", t, flags=re.S | re.I)
     t = _strip_nested(t, _TEMPLATE)
     t = _strip_nested(t, _TABLE)
@@ -297,9 +294,7 @@ def _wikipedia() -> tuple[tuple[str, tuple[str, ...]], ...]:
             ns = elem.find("{*}ns")
             title = elem.findtext("{*}title") or ""
             text = elem.findtext("{*}revision/{*}text") or ""
-            redirect = elem.find("{*}redirect") is not None or text.lstrip().upper().startswith(
-                "#REDIRECT"
-            )
+            redirect = elem.find("{*}redirect") is not None or text.lstrip().upper().startswith("#REDIRECT")
             if ns is not None and ns.text == "0" and not redirect:
                 paragraphs = _wiki_to_paragraphs(text)
                 if paragraphs:
@@ -377,8 +372,7 @@ def corpus_documents(sources: Sequence[str] | None = None) -> dict[str, list[str
             out[source] = wikipedia_paragraphs()
         else:
             g = wordnet_glosses()
-            out[source] = ["\n".join(g[i:i + GLOSSES_PER_BLOCK])
-                           for i in range(0, len(g), GLOSSES_PER_BLOCK)]
+            out[source] = ["\n".join(g[i : i + GLOSSES_PER_BLOCK]) for i in range(0, len(g), GLOSSES_PER_BLOCK)]
     return out
 
 
@@ -404,9 +398,7 @@ def corpus_sizes(sources: Sequence[str] | None = None) -> dict[str, dict[str, in
     }
 
 
-def byte_split(
-    text: str, heldout_fraction: float = 0.05, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def byte_split(text: str, heldout_fraction: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Splits ``text`` into training and held-out bytes by whole units, not mid-stream.
 
     The units are the blank-line separated blocks of ``text`` (documents or paragraphs).

@@ -22,7 +22,7 @@ from repquant_zoo.models import bert, checkpoint, llama, vit
 from repquant_zoo.models.bert import BertConfig, BertEncoder, SentenceEncoder
 from repquant_zoo.models.checkpoint import CheckpointError
 from repquant_zoo.models.llama import Llama, LlamaConfig
-from repquant_zoo.models.vit import ViTConfig, VisionTransformer
+from repquant_zoo.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "bert",

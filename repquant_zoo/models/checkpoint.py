@@ -99,14 +99,12 @@ class TensorReader:
             key = name
             for prefix in prefixes:
                 if key.startswith(prefix):
-                    key = key[len(prefix):]
+                    key = key[len(prefix) :]
                     break
             if rename is not None:
                 key = rename(key)
             if key in self._tensors:
-                raise CheckpointError(
-                    f"checkpoint has two tensors for {key!r}: {self._origin[key]!r} and {name!r}"
-                )
+                raise CheckpointError(f"checkpoint has two tensors for {key!r}: {self._origin[key]!r} and {name!r}")
             self._tensors[key] = value
             self._origin[key] = name
         self._ignore = [re.compile(p) for p in ignore]
@@ -147,8 +145,7 @@ class TensorReader:
     def finish(self) -> None:
         """Raises :class:`CheckpointError` if anything was missing, mismatched or unused."""
         unexpected = sorted(
-            k for k in self._tensors
-            if k not in self._used and not any(p.fullmatch(k) for p in self._ignore)
+            k for k in self._tensors if k not in self._used and not any(p.fullmatch(k) for p in self._ignore)
         )
         if not (self._missing or self._mismatched or unexpected):
             return

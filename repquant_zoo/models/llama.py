@@ -120,9 +120,7 @@ class LlamaConfig:
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}"
-            )
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.dims_per_head % 2:
             raise ValueError(f"head_dim={self.dims_per_head} must be even for RoPE")
 
@@ -135,7 +133,7 @@ class LlamaConfig:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> "LlamaConfig":
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
         """Builds a config from a Hugging Face ``LlamaConfig`` dict (``config.json``).
 
         Raises:
@@ -201,8 +199,14 @@ def llama_tiny_bytes(**overrides: Any) -> LlamaConfig:
     head, RoPE base 10000, sequences up to 512 bytes.
     """
     kw: dict[str, Any] = dict(
-        vocab_size=256, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=768,
-        rms_eps=1e-5, max_seq_len=512,
+        vocab_size=256,
+        dim=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_dim=768,
+        rms_eps=1e-5,
+        max_seq_len=512,
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
@@ -315,9 +319,7 @@ class Llama(nn.Module):
     ) -> Array:
         cfg = self.config
         _, s = input_ids.shape
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.dim, embedding_init=_dense_init, name="embed_tokens"
-        )
+        embed = nn.Embed(cfg.vocab_size, cfg.dim, embedding_init=_dense_init, name="embed_tokens")
         x = embed(input_ids)
         if positions is None:
             positions = jnp.arange(s)[None, :]
@@ -357,8 +359,9 @@ def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict[s
             shaped tensor with its expected and actual shape.
     """
     cfg = config
-    r = TensorReader(state_dict, ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-                                         r"model\.rotary_emb\.inv_freq"))
+    r = TensorReader(
+        state_dict, ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
+    )
     dim, hd = cfg.dim, cfg.dims_per_head
 
     def dense(name: str, n_in: int, n_out: int, bias: bool) -> dict[str, np.ndarray]:
@@ -455,12 +458,9 @@ def load_pretrained(path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str
     return config, load_safetensors(folder / "model.safetensors", config)
 
 
-def save_pretrained(
-    path: str | os.PathLike[str], variables: Mapping[str, Any], config: LlamaConfig
-) -> None:
+def save_pretrained(path: str | os.PathLike[str], variables: Mapping[str, Any], config: LlamaConfig) -> None:
     """Writes ``config.json`` + ``model.safetensors`` in HF layout into folder ``path``."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
-    save_state_dict(params_to_hf(variables, config), folder / "model.safetensors",
-                    metadata={"format": "pt"})
+    save_state_dict(params_to_hf(variables, config), folder / "model.safetensors", metadata={"format": "pt"})

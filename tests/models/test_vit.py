@@ -8,17 +8,15 @@ checkpoint would, into our loaders.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_reference import import_torch as _import_torch_reference  # noqa: E402
 
 from repquant_zoo.models import vit
 from repquant_zoo.models.checkpoint import CheckpointError
-
-from torch_reference import import_torch as _import_torch_reference  # noqa: E402
 
 
 def _perturb_(torch, module, scale=0.02):
@@ -72,8 +70,14 @@ def _hf_small(distilled: bool):
     _import_torch_reference()
     transformers = pytest.importorskip("transformers")
     kw = dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        image_size=32, patch_size=8, num_labels=5, layer_norm_eps=1e-12,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+        layer_norm_eps=1e-12,
         attn_implementation="eager",
     )
     if distilled:
@@ -129,7 +133,9 @@ def test_round_trip_through_safetensors(tmp_path):
 def test_missing_tensor_is_named():
     cfg, sd = _tiny_timm_state_dict()
     del sd["blocks.1.attn.qkv.weight"]
-    with pytest.raises(ValueError, match=r"missing tensor 'blocks\.1\.attn\.qkv\.weight' \(expected shape \(384, 128\)\)"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'blocks\.1\.attn\.qkv\.weight' \(expected shape \(384, 128\)\)"
+    ):
         vit.params_from_timm(sd, cfg)
 
 

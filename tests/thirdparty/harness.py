@@ -81,11 +81,16 @@ class Case:
             raise ValueError("a w16_tolerance exception needs its measured reason")
 
 
-def check_case(case: Case, **kwargs: Any) -> "Outcome":
+def check_case(case: Case, **kwargs: Any) -> Outcome:
     """`check_model` on a `Case`."""
     return check_model(
-        case.apply_fn, case.params, case.batch, counts=case.counts, dtype=case.dtype,
-        w16_tolerance=case.w16_tolerance, **kwargs,
+        case.apply_fn,
+        case.params,
+        case.batch,
+        counts=case.counts,
+        dtype=case.dtype,
+        w16_tolerance=case.w16_tolerance,
+        **kwargs,
     )
 
 
@@ -146,12 +151,16 @@ def check_model(
     jitted = jax.jit(lambda q, *xs: qapply(q, *xs))(qparams, *batch)
     assert relative_error(jitted, qapply(qparams, *batch)) <= W16_TOLERANCE[dtype]
     if grad:
+
         def loss(p):
             out = first_float_leaf(qapply(qparams.replace(params=p), *batch))
             return jnp.mean(out.astype(jnp.float32) ** 2)
 
         grads = jax.grad(loss)(qparams.params)
-        norms = [float(jnp.linalg.norm(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)
-                 if jnp.issubdtype(g.dtype, jnp.floating)]
+        norms = [
+            float(jnp.linalg.norm(g.astype(jnp.float32)))
+            for g in jax.tree_util.tree_leaves(grads)
+            if jnp.issubdtype(g.dtype, jnp.floating)
+        ]
         assert all(np.isfinite(norms)) and sum(norms) > 0, "gradient through qapply is zero or not finite"
     return Outcome(plan, w16, qapply.report)

@@ -53,8 +53,14 @@ def _modules():
             k1, k2 = jax.random.split(key)
             self.ln1 = eqx.nn.LayerNorm(DIM, dtype=dtype)
             self.attn = eqx.nn.MultiheadAttention(
-                HEADS, DIM, use_query_bias=True, use_key_bias=True, use_value_bias=True,
-                use_output_bias=True, dtype=dtype, key=k1,
+                HEADS,
+                DIM,
+                use_query_bias=True,
+                use_key_bias=True,
+                use_value_bias=True,
+                use_output_bias=True,
+                dtype=dtype,
+                key=k1,
             )
             self.ln2 = eqx.nn.LayerNorm(DIM, dtype=dtype)
             self.mlp = eqx.nn.MLP(DIM, DIM, HIDDEN, depth=1, activation=jax.nn.gelu, dtype=dtype, key=k2)
@@ -101,10 +107,12 @@ def _build(dtype: str, causal: bool) -> harness.Case:
     keys = jax.random.split(jax.random.key(1), len(norms))
     for i, k in enumerate(keys):
         kw, kb = jax.random.split(k)
-        model = eqx.tree_at(lambda m, i=i: _norms(m, eqx)[i].weight, model,
-                            (1 + 0.3 * jax.random.normal(kw, (DIM,))).astype(dt))
-        model = eqx.tree_at(lambda m, i=i: _norms(m, eqx)[i].bias, model,
-                            (0.2 * jax.random.normal(kb, (DIM,))).astype(dt))
+        model = eqx.tree_at(
+            lambda m, i=i: _norms(m, eqx)[i].weight, model, (1 + 0.3 * jax.random.normal(kw, (DIM,))).astype(dt)
+        )
+        model = eqx.tree_at(
+            lambda m, i=i: _norms(m, eqx)[i].bias, model, (0.2 * jax.random.normal(kb, (DIM,))).astype(dt)
+        )
     params, static = eqx.partition(model, eqx.is_array)
 
     def apply_fn(params, x):

@@ -44,8 +44,13 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _counts(layers: int) -> dict[str, int]:
-    return dict(weight_matmuls=6 * layers + 1, activation_matmuls=2 * layers, softmaxes=layers,
-                fold_groups=2 * layers + 1, foldable=2 * layers + 1)
+    return dict(
+        weight_matmuls=6 * layers + 1,
+        activation_matmuls=2 * layers,
+        softmaxes=layers,
+        fold_groups=2 * layers + 1,
+        foldable=2 * layers + 1,
+    )
 
 
 def _randomize_norms(tree, key):

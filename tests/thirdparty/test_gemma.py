@@ -107,9 +107,9 @@ def _random_params(shapes, seed: int):
 
 def _build(dtype: str, counts: dict[str, int], w16: tuple[float, str] | None = None, **config) -> harness.Case:
     g = _gemma()
-    cfg = g.config.TransformerConfig(**{
-        "num_embed": VOCAB, "embed_dim": EMBED, "hidden_dim": HIDDEN, "head_dim": HEAD_DIM, **config
-    })
+    cfg = g.config.TransformerConfig(
+        **{"num_embed": VOCAB, "embed_dim": EMBED, "hidden_dim": HIDDEN, "head_dim": HEAD_DIM, **config}
+    )
     model = g.transformer.Transformer(config=cfg, dtype=jnp.dtype(dtype))
     # token 0 is gemma's padding id (masked out): draw from 1..VOCAB-1
     tokens = jnp.asarray(np.random.default_rng(1).integers(1, VOCAB, (BATCH, LENGTH)), jnp.int32)

@@ -43,9 +43,8 @@ if not hasattr(transformers, "FlaxBertModel"):  # pragma: no cover - transformer
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from thirdparty import harness  # noqa: E402
-
 import repquant_jax as repquant  # noqa: E402
+from thirdparty import harness  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 BATCH, VOCAB = 2, 99
@@ -126,8 +125,13 @@ def flax_bert(dtype: str) -> harness.Case:
 
     mask = np.ones((BATCH, SEQ), np.int32)
     mask[1, SEQ - 3 :] = 0  # one padded row
-    counts = dict(weight_matmuls=6 * LAYERS + 1, activation_matmuls=2 * LAYERS, softmaxes=LAYERS,
-                  fold_groups=1 + 2 * LAYERS, foldable=0)
+    counts = dict(
+        weight_matmuls=6 * LAYERS + 1,
+        activation_matmuls=2 * LAYERS,
+        softmaxes=LAYERS,
+        fold_groups=1 + 2 * LAYERS,
+        foldable=0,
+    )
     return harness.Case(apply_fn, params, (_ids(0), mask), counts, dtype)
 
 
@@ -150,8 +154,13 @@ def flax_vit(dtype: str) -> harness.Case:
     def apply_fn(p, pixel_values):
         return model(pixel_values, params=p).logits
 
-    counts = dict(weight_matmuls=6 * LAYERS + 2, activation_matmuls=2 * LAYERS, softmaxes=LAYERS,
-                  fold_groups=2 * LAYERS + 1, foldable=2 * LAYERS + 1)
+    counts = dict(
+        weight_matmuls=6 * LAYERS + 2,
+        activation_matmuls=2 * LAYERS,
+        softmaxes=LAYERS,
+        fold_groups=2 * LAYERS + 1,
+        foldable=2 * LAYERS + 1,
+    )
     return harness.Case(apply_fn, params, (_pixels(0),), counts, dtype)
 
 
@@ -170,15 +179,19 @@ def flax_gpt2(dtype: str) -> harness.Case:
       head's input-channel rows (the table's hidden-size columns) would rescale every
       token embedding too.
     """
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=LAYERS, n_head=4,
-                                  n_inner=64)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=LAYERS, n_head=4, n_inner=64)
     model, params = _model(transformers.FlaxGPT2LMHeadModel, cfg, dtype)
 
     def apply_fn(p, input_ids):
         return model(input_ids, params=p).logits
 
-    counts = dict(weight_matmuls=4 * LAYERS + 1, activation_matmuls=2 * LAYERS, softmaxes=LAYERS,
-                  fold_groups=2 * LAYERS + 1, foldable=2 * LAYERS)
+    counts = dict(
+        weight_matmuls=4 * LAYERS + 1,
+        activation_matmuls=2 * LAYERS,
+        softmaxes=LAYERS,
+        fold_groups=2 * LAYERS + 1,
+        foldable=2 * LAYERS,
+    )
     return harness.Case(apply_fn, params, (_ids(1),), counts, dtype)
 
 
@@ -195,15 +208,19 @@ def flax_llama(dtype: str) -> harness.Case:
     * fold groups: per layer input_layernorm (→ q,k,v) and post_attention_layernorm (→
       gate, up), and the final norm (→ lm_head): 2L + 1, all foldable.
     """
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=32, num_key_value_heads=2,
-                                   **TINY)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=32, num_key_value_heads=2, **TINY)
     model, params = _model(transformers.FlaxLlamaForCausalLM, cfg, dtype)
 
     def apply_fn(p, input_ids):
         return model(input_ids, params=p).logits
 
-    counts = dict(weight_matmuls=7 * LAYERS + 1, activation_matmuls=2 * LAYERS, softmaxes=LAYERS,
-                  fold_groups=2 * LAYERS + 1, foldable=2 * LAYERS + 1)
+    counts = dict(
+        weight_matmuls=7 * LAYERS + 1,
+        activation_matmuls=2 * LAYERS,
+        softmaxes=LAYERS,
+        fold_groups=2 * LAYERS + 1,
+        foldable=2 * LAYERS + 1,
+    )
     return harness.Case(apply_fn, params, (_ids(2),), counts, dtype)
 
 
@@ -234,8 +251,14 @@ def flax_clip(dtype: str) -> harness.Case:
       output offset.
     """
     tower = {**TINY, "num_hidden_layers": 1}
-    text = dict(vocab_size=VOCAB, max_position_embeddings=SEQ, bos_token_id=VOCAB - 2, eos_token_id=CLIP_EOS,
-                pad_token_id=1, **tower)
+    text = dict(
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        bos_token_id=VOCAB - 2,
+        eos_token_id=CLIP_EOS,
+        pad_token_id=1,
+        **tower,
+    )
     vision = dict(image_size=IMAGE, patch_size=PATCH, **tower)
     cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     model, params = _model(transformers.FlaxCLIPModel, cfg, dtype)
@@ -249,8 +272,13 @@ def flax_clip(dtype: str) -> harness.Case:
     ids[0, SEQ - 1] = CLIP_EOS  # EOS at different positions, then padding
     ids[1, 5], ids[1, 6:] = CLIP_EOS, 1
     layers = 2 * tower["num_hidden_layers"]  # both towers
-    counts = dict(weight_matmuls=6 * layers + 3, activation_matmuls=2 * layers + 1, softmaxes=layers,
-                  fold_groups=2 * layers + 2, foldable=2 * layers + 2)
+    counts = dict(
+        weight_matmuls=6 * layers + 3,
+        activation_matmuls=2 * layers + 1,
+        softmaxes=layers,
+        fold_groups=2 * layers + 2,
+        foldable=2 * layers + 2,
+    )
     return harness.Case(apply_fn, params, (ids, _pixels(3)), counts, dtype)
 
 
