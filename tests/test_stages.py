@@ -1,0 +1,158 @@
+"""Each stage of the pipeline on its own: ``(traced, state, ...) -> state``, inputs
+never mutated, and the stages composed as `transform` composes them give its result."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import conftest
+import jax
+import numpy as np
+import pytest
+import zoo
+
+import repquant_jax as repquant
+from repquant_jax._src import stages
+from repquant_jax._src.interpret import Hooks, evaluate_batches
+from repquant_jax._src.specs import calibration_rows, resolve_specs
+from repquant_jax._src.state import QuantState
+
+P = conftest.zoo_presets
+
+
+def _quiet(*_args, **_kwargs):
+    pass
+
+
+def _chunk(model, n=2):
+    return [tuple(a * (1.0 + 0.1 * i) for a in model.inputs) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def vit():
+    m = zoo.linen_vit_block(batch=4, seq=8)
+    chunk = _chunk(m)
+    return m, chunk, stages.trace_model(m.apply_fn, m.params, chunk)
+
+
+def _calibrated(vit, config):
+    m, chunk, traced = vit
+    state = stages.initial_state(traced, config)
+    return traced, stages.calibrate(traced, state, [chunk], config, _quiet)
+
+
+def test_trace_model_keeps_the_users_leaves_and_the_first_chunk(vit):
+    m, chunk, traced = vit
+    assert len(traced.first_chunk) == len(chunk)
+    for got, want in zip(traced.param_leaves, jax.tree_util.tree_leaves(m.params)):
+        assert got is want
+    assert len(traced.plan.weights) == m.expected["weight_matmuls"]
+
+
+def test_trace_model_refuses_closed_over_weights(vit):
+    m, chunk, _ = vit
+    with pytest.raises(ValueError, match="ignores its params"):
+        stages.trace_model(lambda p, *x: m.apply_fn(m.params, *x), m.params, chunk)
+
+
+def test_initial_state_has_final_specs_for_every_site(vit):
+    _, _, traced = vit
+    state = stages.initial_state(traced, P.repq_vit(4, 4))
+    names = {w.name for w in traced.plan.weights} | {p.name for p in traced.plan.points}
+    assert set(state.specs) == names
+    assert not state.weights and not state.activations
+
+
+def test_few_rows_make_a_per_channel_point_per_tensor_before_evaluation(vit):
+    _, _, traced = vit
+    config = dataclasses.replace(P.repq_vit(4, 4), min_rows_per_channel=10**6)
+    specs = resolve_specs(traced.plan, config, rows=calibration_rows(traced.graph, traced.plan, 2))
+    group_points = {g.point for g in traced.plan.groups}
+    assert group_points and all(specs[p].granularity == "per_tensor" for p in group_points)
+    assert all("min_rows_per_channel" in specs[p].note for p in group_points)
+
+
+def test_calibrate_fits_every_site_and_does_not_change_its_input(vit):
+    _, _, traced = vit
+    config = P.repq_vit(4, 4)
+    state = stages.initial_state(traced, config)
+    after = stages.calibrate(traced, state, [_chunk(vit[0])], config, _quiet)
+    assert not state.weights and not state.activations  # the input state is untouched
+    assert set(after.weights) == {w.name for w in traced.plan.weights}
+    assert set(after.activations) == {p.name for p in traced.plan.points}
+    assert all(seen >= kept > 0 for kept, seen in after.samples.values())
+
+
+def test_learn_clipping_is_a_no_op_without_dual_clipping(vit):
+    traced, state = _calibrated(vit, P.repq_vit(4, 4))
+    assert stages.learn_clipping(traced, state, P.repq_vit(4, 4), _quiet) is state
+
+
+def test_learn_clipping_changes_only_norm_quantizers(vit):
+    config = P.repquant(4, 4)
+    traced, state = _calibrated(vit, config)
+    after = stages.learn_clipping(traced, state, config, _quiet)
+    assert state.clipping_rows
+    changed = {n for n in state.activations if after.activations[n] is not state.activations[n]}
+    assert changed <= set(state.clipping_rows)
+    assert after.weights == state.weights
+
+
+def test_fold_norms_keeps_the_float_function(vit):
+    config = P.repq_vit(4, 4)
+    traced, state = _calibrated(vit, config)
+    folded = stages.fold_norms(traced, state, config, _quiet)
+    assert folded.outcomes and all(o.folded for o in folded.outcomes.values())
+    assert folded.refit
+    for name in folded.outcomes:  # per channel before, per tensor after
+        assert state.activations[name].axis is not None and folded.activations[name].axis is None
+    # the folded params with offsets (quantizers off) compute the original function
+    float_only = dataclasses.replace(folded, weights={}, activations={})
+    hooks = repquant._src.hooks.quant_hooks(traced.graph, traced.plan, float_only.qparams(traced), quantize=False)
+    want = evaluate_batches(traced.graph, traced.param_leaves, traced.first_chunk, Hooks())
+    got = evaluate_batches(traced.graph, list(folded.leaves), traced.first_chunk, hooks)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    # the user's leaves are untouched
+    for a, b in zip(traced.param_leaves, jax.tree_util.tree_leaves(vit[0].params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refit_recalibrates_exactly_the_rescaled_kernels(vit):
+    config = P.repq_vit(4, 4)
+    traced, state = _calibrated(vit, config)
+    folded = stages.fold_norms(traced, state, config, _quiet)
+    refit = stages.refit_folded_weights(traced, folded, config)
+    changed = {n for n in folded.weights if refit.weights[n] is not folded.weights[n]}
+    assert changed == set(folded.refit)
+
+
+def test_reconstruct_is_a_no_op_without_reconstruction(vit):
+    traced, state = _calibrated(vit, P.repq_vit(4, 4))
+    assert stages.reconstruct(traced, state, P.repq_vit(4, 4), _quiet) is state
+
+
+def test_report_has_a_row_per_site_and_the_fold_outcomes(vit):
+    config = P.repq_vit(4, 4)
+    traced, state = _calibrated(vit, config)
+    state = stages.fold_norms(traced, state, config, _quiet)
+    report = stages.report(traced, state, config)
+    assert len(report.sites) == len(state.specs)
+    for name, outcome in state.outcomes.items():
+        assert report.site(name).fold == outcome.form and report.site(name).note == outcome.note
+
+
+def test_stages_composed_give_transforms_result(vit):
+    m, chunk, traced = vit
+    config = P.repquant(4, 4)
+    state = stages.initial_state(traced, config)
+    state = stages.calibrate(traced, state, [chunk], config, _quiet)
+    state = stages.learn_clipping(traced, state, config, _quiet)
+    state = stages.fold_norms(traced, state, config, _quiet)
+    state = stages.refit_folded_weights(traced, state, config)
+    state = stages.reconstruct(traced, state, config, _quiet)
+    qparams, _ = repquant.transform(m.apply_fn, m.params, chunk, config)
+    by_stage = state.qparams(traced)
+    for a, b in zip(jax.tree_util.tree_leaves(by_stage), jax.tree_util.tree_leaves(qparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert isinstance(state, QuantState)
