@@ -28,8 +28,11 @@ $(VENV)/.installed-test: $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed-test
 
+# Lint, format and type checks first (seconds), then the tests and the docstring examples.
 test: setup
-	@$(PY) -m pytest -q -n 2 tests; rc=$$?; \
+	@$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy
+	@$(PY) -m pytest -q -n 2 --doctest-modules --ignore=tests/sharding_check.py \
+		repquant_jax repquant_zoo tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
 
 demo: $(VENV)/.installed-demo
