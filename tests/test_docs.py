@@ -47,7 +47,7 @@ _SHELL_PREFIXES = ("%", "!")
 _NOT_RUN = re.compile(r"^#\s*not run:\s*(?P<reason>.*\S)\s*$")
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`]*)$")
 
-PRELUDE = '''
+PRELUDE = """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ x = images
 params = model.init(jax.random.key(1), images)
 apply_fn = lambda p, x: model.apply(p, x)
 calib_batches = [jax.random.normal(jax.random.key(2 + i), images.shape) for i in range(4)]
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------
@@ -155,9 +155,7 @@ def python_blocks(path: Path) -> list[DocBlock]:
             body = [line[indent:] if line[:indent].strip() == "" else line.lstrip() for line in lines[i + 1 : j]]
             first = next((line.strip() for line in body if line.strip()), "")
             not_run = _NOT_RUN.match(first)
-            blocks.append(
-                DocBlock(path, i + 2, "\n".join(body) + "\n", not_run["reason"] if not_run else None)
-            )
+            blocks.append(DocBlock(path, i + 2, "\n".join(body) + "\n", not_run["reason"] if not_run else None))
         i = j + 1
     return blocks
 

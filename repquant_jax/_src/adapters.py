@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
-from repquant_jax._src.types import MATMUL_PRIMITIVES
+from repquant_jax._src.types import MATMUL_PRIMITIVES, NodeId, ValueId
 
 __all__ = ["from_nnx", "as_apply_fn", "ClosedOverWeight", "closed_over_weights", "reads_params", "check_reads_params"]
 
@@ -197,10 +197,10 @@ class ClosedOverWeight:
       matmul: that node's module path, or ``"<top level>"``.
     """
 
-    value_id: int
+    value_id: ValueId
     shape: tuple[int, ...]
     dtype: str
-    node: int
+    node: NodeId
     primitive: str
     matmul: str
 
@@ -235,10 +235,10 @@ def closed_over_weights(graph: Graph, *, min_elements: int = DEFAULT_MIN_ELEMENT
     Returns:
       One entry per (constant, first matmul reading it), in graph order.
     """
-    source: dict[int, int] = {
+    source: dict[ValueId, ValueId] = {
         vid: vid for vid, aval in graph.avals.items() if vid in graph.consts and _is_weight_like(aval, min_elements)
     }
-    found: dict[int, ClosedOverWeight] = {}
+    found: dict[ValueId, ClosedOverWeight] = {}
     for i, node in enumerate(graph.nodes):
         if node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) == 1 and node.inputs[0] in source:
             for out in node.outputs:
@@ -249,7 +249,7 @@ def closed_over_weights(graph: Graph, *, min_elements: int = DEFAULT_MIN_ELEMENT
                 if const is not None and const not in found:
                     aval = graph.avals[const]
                     found[const] = ClosedOverWeight(
-                        const, tuple(aval.shape), str(aval.dtype), i, node.primitive, node.name or "<top level>"
+                        const, tuple(aval.shape), str(aval.dtype), NodeId(i), node.primitive, node.name or "<top level>"
                     )
     return tuple(found.values())
 

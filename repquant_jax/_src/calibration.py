@@ -103,7 +103,7 @@ def _check_percentile(p) -> float:
     return p
 
 
-def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+def _check_percentiles(percentiles: float | Sequence[float]) -> tuple[float, ...]:
     if isinstance(percentiles, (int, float, np.floating)):
         percentiles = (percentiles,)
     ps = tuple(_check_percentile(p) for p in percentiles)
@@ -122,28 +122,27 @@ def _check_axis(axis, ndim: int) -> int | None:
     return int(axis)
 
 
+def _check_not_empty(data: jax.Array | np.ndarray) -> None:
+    if data.size == 0:
+        raise ValueError(f"calibration data is empty (shape {data.shape})")
+
+
 def _check_data(x, *, nonnegative: bool = False) -> jax.Array:
     """Converts to float32 and checks the values (only when they are concrete)."""
-    if isinstance(x, jax.Array):
-        arr = x.astype(jnp.float32)
-        host = None
-    else:
+    if not isinstance(x, jax.Array):
         host = np.asarray(x)
         if host.dtype.kind not in "fiub":
             raise ValueError(f"calibration data must be real numbers, got dtype {host.dtype}")
         with np.errstate(over="ignore"):  # overflow becomes Inf, reported below
             host = host.astype(np.float32, copy=False)
-        arr = None
-    size = (arr if host is None else host).size
-    if size == 0:
-        shape = (arr if host is None else host).shape
-        raise ValueError(f"calibration data is empty (shape {shape})")
-    if host is not None:
+        _check_not_empty(host)
         if not np.isfinite(host).all():
             raise ValueError("calibration data contains NaN or Inf")
         if nonnegative and (host < 0).any():
             raise ValueError(f"calibration data for a log quantizer must be >= 0, got min {host.min()}")
         return jnp.asarray(host)
+    arr = x.astype(jnp.float32)
+    _check_not_empty(arr)
     if not isinstance(arr, jax.core.Tracer):
         if not bool(jnp.isfinite(arr).all()):
             raise ValueError("calibration data contains NaN or Inf")
@@ -339,7 +338,8 @@ def minmax(x, bits: int, axis: int | None = None, symmetric: bool = False) -> Qu
     bits = quantizers._check_bits(bits)
     x = _check_data(x)
     axis = _check_axis(axis, x.ndim)
-    scale, zero_point = _range_params(*_min_max(_channels_first(x, axis)), bits, bool(symmetric))
+    lo, hi = _min_max(_channels_first(x, axis))
+    scale, zero_point = _range_params(lo, hi, bits, bool(symmetric))
     return _finish(scale, zero_point, bits, axis, symmetric)
 
 

@@ -97,11 +97,11 @@ from repquant_jax._src import quantizers as qz
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
 from repquant_jax._src.hooks import affine_input, check_sites_exist, quant_hooks
-from repquant_jax._src.interpret import Hooks, evaluate
+from repquant_jax._src.interpret import Hook, Hooks, evaluate
 from repquant_jax._src.qapply import QApply
 from repquant_jax._src.sites import Plan
 from repquant_jax._src.state import QParams
-from repquant_jax._src.types import LOG_KINDS, MATMUL_PRIMITIVES, log_zero_code
+from repquant_jax._src.types import LOG_KINDS, MATMUL_PRIMITIVES, NodeId, ValueId, log_zero_code
 
 __all__ = [
     "Dropped",
@@ -341,7 +341,7 @@ def _weight_codes(matrix: jax.Array, qp: qz.QuantParams, int4: str) -> WeightCod
     )
 
 
-def _only_read_by(graph: Graph, consumers, vid: int, sites: Mapping[int, Any]) -> bool:
+def _only_read_by(graph: Graph, consumers, vid: ValueId, sites: Mapping[NodeId, Any]) -> bool:
     """Whether value ``vid`` reaches nothing but the weight operands of ``sites`` (node
     index -> weight site), through layout-only ops."""
     outputs = set(graph.output_ids)
@@ -557,7 +557,7 @@ def _log_matmul(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Arra
     return total * (log_qp.scale * v_qp.scale)
 
 
-def _source(graph: Graph, producers: Mapping[int, int], vid: int) -> int:
+def _source(graph: Graph, producers: Mapping[ValueId, NodeId], vid: ValueId) -> ValueId:
     """Walks back through single-input layout ops (as `repquant_jax._src.sites` does)."""
     while vid in producers:
         node = graph.nodes[producers[vid]]
@@ -595,22 +595,21 @@ def _integer_program(graph: Graph, plan: Plan, exported: Exported) -> tuple[Hook
     base = quant_hooks(graph, plan, float_weights)
     integer_points = set(exported.integer_points)
     values = dict(base.values)
-    code_points: dict[int, qz.QuantParams] = {}
+    code_points: dict[ValueId, qz.QuantParams] = {}
     for p in plan.points:
         qp = exported.activations.get(p.name)
         if qp is not None and _emits_codes(qp, p.name in integer_points):
             code_points[p.value_id] = qp
             scale, off = exported.input_scales.get(p.name), exported.input_offsets.get(p.name)
-            values[p.value_id] = lambda vs, qp=qp, scale=scale, off=off: [
-                _to_codes(affine_input(v, scale, off), qp) for v in vs
-            ]
+            values[p.value_id] = _codes_hook(qp, scale, off)
 
     producers = graph.producers()
     site_of = {w.node: w for w in plan.weights}
     name_of = {m.node: m.name for m in plan.matmuls}
-    fns: dict[int, Callable] = {}
+    fns: dict[NodeId, Callable] = {}
     modes: dict[str, str] = {}
-    for index, node in enumerate(graph.nodes):
+    for i, node in enumerate(graph.nodes):
+        index = NodeId(i)
         if node.primitive not in MATMUL_PRIMITIVES:
             continue
         operands = []
@@ -631,8 +630,13 @@ def _integer_program(graph: Graph, plan: Plan, exported: Exported) -> tuple[Hook
     return Hooks(values=values, rewrites=base.rewrites, matmul_fns=fns), modes
 
 
+def _codes_hook(qp: qz.QuantParams, scale: Any, offset: Any) -> Hook:
+    """A value hook emitting the integer codes of ``qp`` (after the fold's input affine)."""
+    return lambda values: [_to_codes(affine_input(v, scale, offset), qp) for v in values]
+
+
 def _is_int8_point(op: _Operand) -> bool:
-    return op.codes and op.qp.kind in _UNIFORM
+    return op.codes and op.qp is not None and op.qp.kind in _UNIFORM
 
 
 def _matmul_fn(node, operands, dtypes, out_dtype, site, codes: WeightCodes | None, integer_points):

@@ -37,7 +37,7 @@ class Reservoir:
         """Adds values: a flat array, or ``[rows, C]`` (whole rows are kept)."""
         row_size = int(np.prod(values.shape[1:]))
         keep = max(1, self.cap // row_size)
-        keys = self.rng.random(values.shape[0])
+        keys = self.rng.random(int(values.shape[0]))
         self.seen += values.size
         if self.data is not None:
             values = np.concatenate([self.data, values])

@@ -163,6 +163,7 @@ def fold_norm_into_dense(
         if not np.any(delta != 0):
             continue
         if consumer.bias_param_index is not None:
+            assert consumer.bias_index is not None  # set together with bias_param_index
             bias = leaves[consumer.bias_param_index].reshape(-1)
             fresh = not_yet(consumer.bias_param_index, consumer.bias_index)
             bias[consumer.bias_index[fresh]] = bias[consumer.bias_index[fresh]] - delta[fresh]

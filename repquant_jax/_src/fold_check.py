@@ -91,7 +91,8 @@ def fold_checked(
     leaves, folds, error = fold(groups)
     if error <= tolerance:
         return leaves, folds, {}
-    kept, failed = [], {}
+    kept: list[FoldGroup] = []
+    failed: dict[str, float] = {}
     leaves, folds = copy_leaves(param_leaves), {}  # nothing folded yet
     for group in groups:
         trial_leaves, trial_folds, error = fold(kept + [group])

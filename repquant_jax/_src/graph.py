@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from repquant_jax._src.types import MATMUL_PRIMITIVES
+from repquant_jax._src.types import MATMUL_PRIMITIVES, NodeId, ValueId
 
 __all__ = ["Node", "Graph", "UnsupportedGraphError", "trace", "path_to_str", "LAYOUT_PRIMITIVES"]
 
@@ -86,8 +86,8 @@ class Node:
     """
 
     primitive: str
-    inputs: tuple[int, ...]
-    outputs: tuple[int, ...]
+    inputs: tuple[ValueId, ...]
+    outputs: tuple[ValueId, ...]
     name: str
     iteration: tuple[int, ...]
     params: Mapping[str, Any]
@@ -110,26 +110,26 @@ class Graph:
     """
 
     nodes: tuple[Node, ...]
-    param_ids: tuple[int, ...]
+    param_ids: tuple[ValueId, ...]
     param_paths: tuple[str, ...]
-    input_ids: tuple[int, ...]
-    output_ids: tuple[int, ...]
-    consts: Mapping[int, Any]
-    avals: Mapping[int, jax.core.ShapedArray]
+    input_ids: tuple[ValueId, ...]
+    output_ids: tuple[ValueId, ...]
+    consts: Mapping[ValueId, Any]
+    avals: Mapping[ValueId, jax.core.ShapedArray]
     params_treedef: Any
     inputs_treedef: Any
     output_treedef: Any
 
-    def producers(self) -> dict[int, int]:
+    def producers(self) -> dict[ValueId, NodeId]:
         """Index of the node producing each value id."""
-        return {v: i for i, node in enumerate(self.nodes) for v in node.outputs}
+        return {v: NodeId(i) for i, node in enumerate(self.nodes) for v in node.outputs}
 
-    def consumers(self) -> dict[int, list[int]]:
+    def consumers(self) -> dict[ValueId, list[NodeId]]:
         """Indices of the nodes reading each value id (graph outputs are not included)."""
-        out: dict[int, list[int]] = {}
+        out: dict[ValueId, list[NodeId]] = {}
         for i, node in enumerate(self.nodes):
             for v in node.inputs:
-                out.setdefault(v, []).append(i)
+                out.setdefault(v, []).append(NodeId(i))
         return out
 
 
@@ -234,36 +234,36 @@ def _bind_fn(primitive: Any, params: Mapping[str, Any]) -> Callable[..., Sequenc
 class _Builder:
     """Accumulates nodes while inlining nested jaxprs."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.nodes: list[Node] = []
-        self.consts: dict[int, Any] = {}
-        self.avals: dict[int, Any] = {}
+        self.consts: dict[ValueId, Any] = {}
+        self.avals: dict[ValueId, Any] = {}
         self._next = 0
 
-    def new_value(self, aval: Any) -> int:
-        vid = self._next
+    def new_value(self, aval: Any) -> ValueId:
+        vid = ValueId(self._next)
         self._next += 1
         self.avals[vid] = aval
         return vid
 
-    def const(self, value: Any) -> int:
+    def const(self, value: Any) -> ValueId:
         vid = self.new_value(jax.typeof(value))
         self.consts[vid] = value
         return vid
 
-    def add(self, primitive, inputs, out_avals, name, iteration, params, fn) -> list[int]:
+    def add(self, primitive, inputs, out_avals, name, iteration, params, fn) -> list[ValueId]:
         outs = [self.new_value(aval) for aval in out_avals]
         self.nodes.append(Node(primitive, tuple(inputs), tuple(outs), name, iteration, dict(params), fn))
         return outs
 
-    def inline(self, jaxpr, consts, in_ids, prefix: str, iteration: tuple[int, ...]) -> list[int]:
-        env: dict[Any, int] = {}
+    def inline(self, jaxpr, consts, in_ids, prefix: str, iteration: tuple[int, ...]) -> list[ValueId]:
+        env: dict[Any, ValueId] = {}
         for var, value in zip(jaxpr.constvars, consts):
             env[var] = self.const(value)
         for var, vid in zip(jaxpr.invars, in_ids):
             env[var] = vid
 
-        def read(atom) -> int:
+        def read(atom) -> ValueId:
             if isinstance(atom, jex_core.Literal):
                 return self.const(atom.val)
             return env[atom]
@@ -301,12 +301,12 @@ class _Builder:
                 env[var] = vid
         return [read(a) for a in jaxpr.outvars]
 
-    def _unroll_scan(self, eqn, args, name, iteration) -> list[int]:
+    def _unroll_scan(self, eqn, args, name, iteration) -> list[ValueId]:
         p = eqn.params
         body = p["jaxpr"]
         n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
         consts, carry, xs = args[:n_consts], args[n_consts : n_consts + n_carry], args[n_consts + n_carry :]
-        ys_per_step: dict[int, list[int]] = {}
+        ys_per_step: dict[int, list[ValueId]] = {}
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
         for i in order:
             x_i = []

@@ -6,6 +6,7 @@ export (which adds integer matmul functions).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -98,8 +99,10 @@ def quant_hooks(graph: Graph, plan: Plan, qparams: QParams, *, quantize: bool = 
     operands: dict[NodeId, OperandHook] = {}
     for w in plan.weights:
         if w.name in qparams.weights and quantize:
-            qp = qparams.weights[w.name]
-            operands[w.node] = weight_operand_hook(w, lambda v, qp=qp, c=w.contracting: fake_quant_weight(v, qp, c))
+            quantize_weight = functools.partial(
+                fake_quant_weight, qp=qparams.weights[w.name], contracting=w.contracting
+            )
+            operands[w.node] = weight_operand_hook(w, quantize_weight)
         if w.name in qparams.output_offsets:
             rewrites[graph.nodes[w.node].outputs[0]] = _offset_rewrite(qparams.output_offsets[w.name])
     for p in plan.points:

@@ -120,13 +120,13 @@ def evaluate_batches(
     n_batches = len(batches)
     last_use = _last_use(graph)
     # shared: input-independent values (one copy); per_batch: a list of n_batches values.
-    shared: dict[int, Any] = dict(graph.consts)
-    per_batch: dict[int, list[Any]] = {}
+    shared: dict[ValueId, Any] = dict(graph.consts)
+    per_batch: dict[ValueId, list[Any]] = {}
     # Hooked values and their layout-only descendants, as matmuls should read them.
-    shadow_shared: dict[int, Any] = {}
-    shadow_batch: dict[int, list[Any]] = {}
+    shadow_shared: dict[ValueId, Any] = {}
+    shadow_batch: dict[ValueId, list[Any]] = {}
 
-    def define(vid: int, values: list[Any], is_shared: bool) -> None:
+    def define(vid: ValueId, values: list[Any], is_shared: bool) -> None:
         if vid in rewrites:
             values = rewrites[vid](values)
         if is_shared:
@@ -145,12 +145,13 @@ def evaluate_batches(
     for k, vid in enumerate(graph.input_ids):
         define(vid, [batch[k] for batch in batches], False)
 
-    for index, node in enumerate(graph.nodes):
+    for i, node in enumerate(graph.nodes):
+        index = NodeId(i)
         is_shared = all(v in shared for v in node.inputs)
         is_matmul = node.primitive in MATMUL_PRIMITIVES
         n_runs = 1 if is_shared else n_batches
 
-        def read(vid: int, b: int, from_shadow: bool) -> Any:
+        def read(vid: ValueId, b: int, from_shadow: bool) -> Any:
             if from_shadow:
                 if vid in shadow_shared:
                     return shadow_shared[vid]
@@ -161,6 +162,7 @@ def evaluate_batches(
         args = [[read(v, b, is_matmul) for v in node.inputs] for b in range(n_runs)]
         if index in matmul_hooks:
             args = matmul_hooks[index](args)
+        results: list[Sequence[Any]]
         if index in matmul_fns:
             results = [(matmul_fns[index](a),) for a in args]
         else:
@@ -193,12 +195,12 @@ def evaluate_batches(
     return outputs
 
 
-def _last_use(graph: Graph) -> dict[int, int]:
+def _last_use(graph: Graph) -> dict[ValueId, NodeId]:
     """Index of the last node reading each value (graph outputs are never freed)."""
-    last: dict[int, int] = {}
+    last: dict[ValueId, NodeId] = {}
     for index, node in enumerate(graph.nodes):
         for vid in node.inputs:
-            last[vid] = index
+            last[vid] = NodeId(index)
     for vid in graph.output_ids:
         last.pop(vid, None)
     return last

@@ -1,4 +1,4 @@
-"""Saving and loading :class:`~repquant_jax._src.transform.QParams` as one safetensors file.
+"""Saving and loading :class:`~repquant_jax.QParams` as one safetensors file.
 
 :func:`save` writes a quantized model (folded float params plus every quantizer
 and offset) to a single `safetensors <https://github.com/huggingface/safetensors>`_
@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -85,6 +86,7 @@ import secrets
 import struct
 import urllib.parse
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -94,8 +96,9 @@ import numpy as np
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.state import QParams
 
+ml_dtypes: ModuleType | None
 try:  # bfloat16 / float8 / int4 dtypes; jax depends on ml_dtypes, so it is there in practice.
-    import ml_dtypes
+    ml_dtypes = importlib.import_module("ml_dtypes")
 except ImportError:  # pragma: no cover
     ml_dtypes = None
 
@@ -180,7 +183,7 @@ def _checksum(doc_without_sha: Mapping[str, Any], stored: Mapping[str, np.ndarra
         h.update(struct.pack("<Q", len(kb)))
         h.update(kb)
         h.update(struct.pack("<Q", data.size))
-        h.update(data)
+        h.update(data.data)
     return h.hexdigest()
 
 
@@ -364,7 +367,8 @@ def _encode(qparams: QParams, metadata: dict[str, Any]) -> tuple[dict[str, np.nd
     if structure is not _UNSUPPORTED:
         # Self-check: the rebuilt containers must flatten exactly like the original.
         rebuilt = _rebuild(structure, {k: 0 for k in leaf_keys})
-        if jax.tree_util.tree_structure(rebuilt) != treedef or jax.tree_util.tree_leaves(
+        # jaxlib has no stub for PyTreeDef, so mypy sees an unresolved type there
+        if jax.tree_util.tree_structure(rebuilt) != treedef or jax.tree_util.tree_leaves(  # type: ignore[operator]
             _rebuild(structure, {k: i for i, k in enumerate(leaf_keys)})
         ) != list(range(len(leaf_keys))):
             structure = _UNSUPPORTED

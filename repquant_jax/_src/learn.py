@@ -27,6 +27,7 @@ from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 from repquant_jax._src.hooks import quant_hooks
 from repquant_jax._src.interpret import evaluate_batches
 from repquant_jax._src.param_edits import params_with_weights
+from repquant_jax._src.sites import WeightSite
 
 __all__ = ["learn_dual_clipping", "reconstruct_weights"]
 
@@ -301,7 +302,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
     # Quantized pass: reconstruct each site when the quantized model reaches it.
     hooks = quant_hooks(graph, plan, qparams)
     done: list[tuple[str, float, float]] = []
-    updates: list[tuple[object, np.ndarray]] = []
+    updates: list[tuple[WeightSite, np.ndarray]] = []
 
     def reconstructor(w):
         def hook(args):

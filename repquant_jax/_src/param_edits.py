@@ -39,6 +39,7 @@ def params_with_weights(params: Any, views: Iterable[tuple[WeightSite, Any]]) ->
     originals = jax.tree_util.tree_leaves(params)
     leaves = copy_leaves(originals)
     for w, view in views:
+        assert w.kernel_index is not None, f"{w.name}: a derived weight has no leaf elements"
         leaves[w.param_index].reshape(-1)[w.kernel_index.reshape(-1)] = np.asarray(view).reshape(-1)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves_like(leaves, originals))
 

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,10 @@ class QuantParams:
     bits: int = struct.field(pytree_node=False)
     kind: str = struct.field(pytree_node=False, default="uniform")
     axis: int | None = struct.field(pytree_node=False, default=None)
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass at runtime
+
+        def replace(self, **changes: Any) -> QuantParams: ...
 
 
 # ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class TransformReport:
     def summary(self) -> str:
         """A few lines: counts and the worst activation sites."""
         acts = [s for s in self.sites if s.relative_mse is not None]
-        worst = sorted(acts, key=lambda s: -s.relative_mse)[:3]
+        worst = sorted(acts, key=lambda s: -cast(float, s.relative_mse))[:3]
         lines = [
             f"{sum(s.bits > 0 for s in self.sites)} of {len(self.sites)} sites quantized; "
             f"{sum(s.fold in ('folded', 'branch') for s in self.sites)} norm groups folded",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -78,7 +78,7 @@ class WeightSite:
     param_path: str
     param_index: int
     weight_operand: int
-    weight_id: int
+    weight_id: ValueId
     weight_shape: tuple[int, ...]
     contracting: tuple[int, ...]
     input_point: str
@@ -294,16 +294,18 @@ class _Analysis:
         self.consumers = graph.consumers()
         self.outputs = set(graph.output_ids)
         # value id -> (param leaf index, chain of layout node indices from the leaf)
-        self.origin: dict[int, tuple[int, tuple[int, ...]]] = {vid: (k, ()) for k, vid in enumerate(graph.param_ids)}
+        self.origin: dict[ValueId, tuple[int, tuple[NodeId, ...]]] = {
+            vid: (k, ()) for k, vid in enumerate(graph.param_ids)
+        }
         for i, node in enumerate(graph.nodes):
             if node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) == 1:
                 src = self.origin.get(node.inputs[0])
                 if src is not None:
-                    self.origin[node.outputs[0]] = (src[0], src[1] + (i,))
+                    self.origin[node.outputs[0]] = (src[0], src[1] + (NodeId(i),))
         # Values computed from parameters (and constants) only, with the first leaf each
         # derives from: a matmul operand among them is a (derived) weight.
         inputs = set(graph.input_ids)
-        self.derived_from: dict[int, int] = {vid: k for k, vid in enumerate(graph.param_ids)}
+        self.derived_from: dict[ValueId, int] = {vid: k for k, vid in enumerate(graph.param_ids)}
         for node in graph.nodes:
             if any(v in inputs for v in node.inputs):
                 inputs.update(node.outputs)
@@ -312,9 +314,9 @@ class _Analysis:
             if leaves:
                 for v in node.outputs:
                     self.derived_from[v] = leaves[0]
-        self._leaf_uses: dict[int, list[tuple[int, np.ndarray | None]]] = {}
-        self._site_names: dict[int, str] = {}  # matmul node -> site name, for messages
-        self._weight_names: dict[int, str] = {}  # weight matmul node -> site name
+        self._leaf_uses: dict[int, list[tuple[NodeId, np.ndarray | None]]] = {}
+        self._site_names: dict[NodeId, str] = {}  # matmul node -> site name, for messages
+        self._weight_names: dict[NodeId, str] = {}  # weight matmul node -> site name
 
     def scope(self, node) -> str:
         """The node's module path without the root module's class name (Flax Linen puts
@@ -326,7 +328,7 @@ class _Analysis:
         # ``Transformer._apply_attention``): not part of the module path
         return "/".join(p for p in name.split("/") if not _METHOD.fullmatch(p))
 
-    def site_name(self, node, kind: str, node_index: int | None = None) -> str:
+    def site_name(self, node, kind: str, node_index: NodeId | None = None) -> str:
         """``scope/kind[iteration]``; an einsum's own name (``...qhd,...khd->...hqk``)
         stands for the matmul.
 
@@ -345,9 +347,10 @@ class _Analysis:
             scope = (scope + "/" if scope else "") + kind
         return scope + _suffix(node.iteration)
 
-    def _upstream_prefix(self, node_index: int, limit: int = 256) -> str:
+    def _upstream_prefix(self, node_index: NodeId, limit: int = 256) -> str:
         """The common module path of the nearest weight sites upstream of a node."""
-        names, seen = [], set()
+        names: list[str] = []
+        seen: set[ValueId] = set()
         stack = list(self.g.nodes[node_index].inputs)
         while stack and len(seen) < limit:
             vid = stack.pop()
@@ -370,14 +373,14 @@ class _Analysis:
         return "/".join(common)
 
     # -- probes ------------------------------------------------------------------------
-    def param_probe(self, vid: int) -> np.ndarray:
+    def param_probe(self, vid: ValueId) -> np.ndarray:
         """Flat index into the parameter leaf of every element of value ``vid``."""
         k, chain = self.origin[vid]
         shape = self.g.avals[self.g.param_ids[k]].shape
         probe = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
         return self._run_chain(probe, chain)
 
-    def _run_chain(self, array: np.ndarray, chain: Sequence[int]) -> np.ndarray:
+    def _run_chain(self, array: np.ndarray, chain: Sequence[NodeId]) -> np.ndarray:
         with jax.ensure_compile_time_eval():
             for i in chain:
                 node = self.g.nodes[i]
@@ -385,19 +388,19 @@ class _Analysis:
                     (array,) = node.fn(array)
         return np.asarray(array)
 
-    def leaf_uses(self, k: int) -> list[tuple[int, np.ndarray | None]]:
+    def leaf_uses(self, k: int) -> list[tuple[NodeId, np.ndarray | None]]:
         """Every non-layout reader of parameter leaf ``k``: ``(node index, flat leaf
         indices it reads)``, node -1 for a function output; indices None when the
         reader sees the whole leaf (no scan slice on the way)."""
         if k not in self._leaf_uses:
-            uses = []
+            uses: list[tuple[NodeId, np.ndarray | None]] = []
             for vid, (leaf, chain) in self.origin.items():
                 if leaf != k:
                     continue
                 sliced = any(self.g.nodes[i].primitive == "scan_slice" for i in chain)
                 elements = np.unique(self.param_probe(vid)) if sliced else None
                 if vid in self.outputs:
-                    uses.append((-1, elements))
+                    uses.append((NodeId(-1), elements))
                 for i in self.consumers.get(vid, ()):
                     node = self.g.nodes[i]
                     if not (node.primitive in LAYOUT_PRIMITIVES and len(node.inputs) == 1):
@@ -405,7 +408,7 @@ class _Analysis:
             self._leaf_uses[k] = uses
         return self._leaf_uses[k]
 
-    def other_readers(self, k: int, elements: np.ndarray | None, allowed: set[int]) -> list[str]:
+    def other_readers(self, k: int, elements: np.ndarray | None, allowed: set[NodeId]) -> list[str]:
         """Descriptions of the readers of leaf ``k`` outside ``allowed`` (node indices)
         that read any of ``elements`` (None: any element)."""
         found = []
@@ -423,9 +426,9 @@ class _Analysis:
                 found.append(f"{node.primitive} at {self.scope(node) or '<top level>'}")
         return list(dict.fromkeys(found))
 
-    def layout_source(self, vid: int) -> tuple[int, tuple[int, ...]]:
+    def layout_source(self, vid: ValueId) -> tuple[ValueId, tuple[NodeId, ...]]:
         """Walks back through layout ops: (source value id, chain of node indices)."""
-        chain: list[int] = []
+        chain: list[NodeId] = []
         while vid in self.producer:
             i = self.producer[vid]
             node = self.g.nodes[i]
@@ -442,7 +445,7 @@ class _Analysis:
         weights: list[WeightSite] = []
         act_matmuls: list[ActivationMatmul] = []
         # source value id -> list of (reader site name, role)
-        readers: dict[int, list[tuple[str, str]]] = {}
+        readers: dict[ValueId, list[tuple[str, str]]] = {}
         used_names: dict[str, int] = {}
 
         def unique(name: str) -> str:
@@ -450,7 +453,8 @@ class _Analysis:
             used_names[name] = n + 1
             return name if n == 0 else f"{name}#{n + 1}"
 
-        for i, node in enumerate(g.nodes):
+        for index, node in enumerate(g.nodes):
+            i = NodeId(index)
             if node.primitive not in MATMUL_PRIMITIVES:
                 continue
             lhs, rhs = node.inputs[:2]
@@ -515,7 +519,7 @@ class _Analysis:
         input_ids = set(g.input_ids)
 
         points: list[ActivationPoint] = []
-        point_of: dict[int, str] = {}
+        point_of: dict[ValueId, str] = {}
         for src, rs in sorted(readers.items(), key=lambda kv: self._order(kv[0])):
             first, role = rs[0]
             pname = f"{first}:{role}"
@@ -547,7 +551,7 @@ class _Analysis:
             )
             for m in act_matmuls
         ]
-        point_of_softmax = {}
+        point_of_softmax: dict[str, str] = {}
         for src, pname in point_of.items():
             found = self.softmax_source(src, softmax_out)
             if found is not None:
@@ -574,16 +578,18 @@ class _Analysis:
         _, chain = self.origin[w.weight_id]
         if not any(self.g.nodes[i].primitive == "scan_slice" for i in chain):
             return None
+        assert w.kernel_index is not None  # a weight that is not derived has one
         return np.unique(w.kernel_index)
 
-    def _order(self, vid: int) -> int:
+    def _order(self, vid: ValueId) -> int:
         return self.producer.get(vid, -1)
 
     # -- softmax -----------------------------------------------------------------------
     def find_softmaxes(self, unique) -> list[Softmax]:
         """``div(e, bcast(reduce_sum(e)))`` or ``mul(e, 1/bcast(reduce_sum(e)))`` with ``e = exp(..)``."""
         found = []
-        for i, node in enumerate(self.g.nodes):
+        for index, node in enumerate(self.g.nodes):
+            i = NodeId(index)
             if node.primitive not in ("div", "mul") or len(node.inputs) != 2:
                 continue
             num, den = node.inputs
@@ -599,7 +605,7 @@ class _Analysis:
                     break
         return found
 
-    def _softmax_axis(self, e: int, d: int, reciprocal: bool) -> int | None:
+    def _softmax_axis(self, e: ValueId, d: ValueId, reciprocal: bool) -> int | None:
         root = self._exp_root(e)
         if root is None:
             return None
@@ -621,7 +627,7 @@ class _Analysis:
         axis = node.params["axes"][0]
         return axis - len(self.g.avals[e].shape)
 
-    def _exp_root(self, vid: int) -> int | None:
+    def _exp_root(self, vid: ValueId) -> ValueId | None:
         """The ``exp`` output that ``vid`` is, through dtype casts (a bf16 model sums
         its exp in float32) and masking selects (``where(mask, e, 0)``); else None."""
         while vid in self.producer:
@@ -637,14 +643,14 @@ class _Analysis:
             vid = live
         return None
 
-    def _masked_value(self, node) -> int | None:
+    def _masked_value(self, node) -> ValueId | None:
         """For ``select_n(mask, ...)`` whose other branches are all zero: the live branch."""
         if node.primitive != "select_n":
             return None
         live = [v for v in node.inputs[1:] if self._scalar_const(v) != 0.0]
         return live[0] if len(live) == 1 else None
 
-    def _scalar_const(self, vid: int) -> float | None:
+    def _scalar_const(self, vid: ValueId) -> float | None:
         """The value of a constant that is one number broadcast (through broadcasts,
         casts and reshapes), else None."""
         src, _ = self.layout_source(vid)
@@ -653,7 +659,7 @@ class _Analysis:
         value = np.asarray(self.g.consts[src])
         return float(value.reshape(-1)[0]) if value.size == 1 else None
 
-    def _const_in_unit_interval(self, vid: int) -> bool:
+    def _const_in_unit_interval(self, vid: ValueId) -> bool:
         """Whether ``vid`` is a constant (whatever slicing, gathers or layout ops lead
         to it) with all its values in [0, 1]: a head mask of ones, a 0/1 mask."""
         vid, _ = self.layout_source(vid)
@@ -665,7 +671,7 @@ class _Analysis:
         value = np.asarray(self.g.consts[vid], np.float64)
         return bool(np.all((value >= 0) & (value <= 1)))
 
-    def softmax_source(self, vid: int, softmax_out: dict[int, Softmax]) -> Softmax | None:
+    def softmax_source(self, vid: ValueId, softmax_out: Mapping[ValueId, Softmax]) -> Softmax | None:
         """The softmax whose probabilities ``vid`` is: directly, through layout ops and
         casts, through a mask selecting zeros, or scaled elementwise by a constant in
         [0, 1] (FlaxBert's head mask, ``einsum('...hqk,h->...hqk')``)."""
@@ -693,7 +699,7 @@ class _Analysis:
         return softmax_out[vid]
 
     # -- fold groups ---------------------------------------------------------------------
-    def _per_channel_index(self, vid: int, out_shape: tuple[int, ...]) -> np.ndarray | None:
+    def _per_channel_index(self, vid: ValueId, out_shape: tuple[int, ...]) -> np.ndarray | None:
         """If ``vid`` is a parameter broadcast along the last axis of ``out_shape``: its
         flat leaf index per channel."""
         if vid not in self.origin:
@@ -704,7 +710,7 @@ class _Analysis:
             return None
         return probe.reshape(channels)
 
-    def _product_factors(self, vid: int) -> list[int]:
+    def _product_factors(self, vid: ValueId) -> list[ValueId]:
         """Factors of a product tree of single-use ``mul`` nodes."""
         if vid in self.producer and len(self.consumers.get(vid, ())) <= 1:
             node = self.g.nodes[self.producer[vid]]
@@ -712,7 +718,7 @@ class _Analysis:
                 return self._product_factors(node.inputs[0]) + self._product_factors(node.inputs[1])
         return [vid]
 
-    def channel_step(self, node_index: int) -> tuple[int, int | None] | None:
+    def channel_step(self, node_index: NodeId) -> tuple[ValueId, NodeId | None] | None:
         """If the node maps each channel (last axis) to itself linearly and keeps
         per-channel affines exact (layout ops, slices, a mean over other axes):
         (its input value id, the node to follow it with or None)."""
@@ -801,9 +807,11 @@ class _Analysis:
             offset, gamma = self._offset_scale(f)
             if gamma in self.origin:
                 scales.append((gamma, self._per_channel_index(gamma, shape), offset))
-        if len(scales) != 1 or scales[0][1] is None:
+        if len(scales) != 1:
             return None
         scale_vid, scale_index, scale_offset = scales[0]
+        if scale_index is None:
+            return None
         # Named like weight sites, after the parameter (γ's module path): stable and the
         # same for Linen, NNX and plain JAX.
         name = _site_name_from_path(g.param_paths[self.origin[scale_vid][0]]) + _suffix(node.iteration)
@@ -813,7 +821,9 @@ class _Analysis:
         branch_reason = matmul_reason or self._shared_leaf_reason([], consumers, weight_by_node)
         if not consumers and not branch_reason:
             branch_reason = "feeds no weight matmul"
-        edits = [(self.origin[scale_vid][0], scale_index, scale_vid, "γ")]
+        edits: list[tuple[int, np.ndarray | None, ValueId, str]] = [
+            (self.origin[scale_vid][0], scale_index, scale_vid, "γ")
+        ]
         if bias_k is not None:
             edits.append((bias_k, bias_index, b, "β"))
         reason = "; ".join(
@@ -836,7 +846,7 @@ class _Analysis:
             branch_reason=branch_reason,
         )
 
-    def _offset_scale(self, vid: int) -> tuple[float, int]:
+    def _offset_scale(self, vid: ValueId) -> tuple[float, ValueId]:
         """``(c, γ)`` for a factor ``c + γ`` with a scalar constant ``c`` (Gemma's
         ``1 + scale``), else ``(0, vid)``."""
         src, _ = self.layout_source(vid)
@@ -873,7 +883,7 @@ class _Analysis:
             for bk in biases:
                 users = [c for c in cs if c.bias_param_index == bk]
                 index = np.unique(np.concatenate([c.bias_index for c in users]))
-                readers = self.other_readers(bk, index, {c.bias_node for c in users})
+                readers = self.other_readers(bk, index, {c.bias_node for c in users if c.bias_node is not None})
                 reasons += [f"bias {self.g.param_paths[bk]} is also read by {r}" for r in readers]
         bias_leaves = [c.bias_param_index for c in consumers if c.bias_param_index is not None]
         for bk in set(bias_leaves):
@@ -882,7 +892,7 @@ class _Analysis:
                 reasons.append(f"bias {self.g.param_paths[bk]} is added to matmuls of different kernels")
         return "; ".join(dict.fromkeys(reasons))
 
-    def _fold_consumers(self, out: int, shape, point, weight_by_node) -> tuple[list[FoldConsumer], str, str]:
+    def _fold_consumers(self, out: ValueId, shape, point, weight_by_node) -> tuple[list[FoldConsumer], str, str]:
         """Follows every reader of ``out`` through channel-preserving ops; checks each is
         a weight matmul contracting over the channel axis, read through ``point``."""
         g = self.g
@@ -955,6 +965,7 @@ class _Analysis:
         channel_of_k = flat[:, 0]
         if len(set(channel_of_k.tolist())) != len(channel_of_k):
             return f"reads a channel twice at {where}"
+        assert site.kernel_index is not None  # only derived weights have none, and they are not folded
         kidx = np.moveaxis(site.kernel_index, w_contract, range(len(w_contract)))
         kidx = kidx.reshape(len(channel_of_k), -1)
         leaf_size = int(np.prod(self.g.avals[self.g.param_ids[site.param_index]].shape))
@@ -967,7 +978,7 @@ class _Analysis:
         bias_k, bias_index, bias_node = self._matmul_bias(node, site)
         return FoldConsumer(where, row_channel, bias_k, bias_index, channel_of_k, site.node, bias_node)
 
-    def _matmul_bias(self, node, site: WeightSite) -> tuple[int | None, np.ndarray | None, int | None]:
+    def _matmul_bias(self, node, site: WeightSite) -> tuple[int | None, np.ndarray | None, NodeId | None]:
         """Finds ``add(matmul_out, bias_param)`` right after the matmul (possibly through
         transposes and reshapes: a vmapped ``W @ x`` is transposed before its bias), and
         maps each output element of the weight to its flat bias index."""
@@ -975,7 +986,8 @@ class _Analysis:
         out_shape = self.g.avals[out].shape
         # flat matmul-output index of every element, carried along the layout chain
         position = np.arange(int(np.prod(out_shape)), dtype=np.int64).reshape(out_shape)
-        vid, chain = out, []
+        vid: ValueId = out
+        chain: list[NodeId] = []
         while True:
             readers = self.consumers.get(vid, ())
             if len(readers) != 1 or vid in self.outputs:

@@ -14,7 +14,7 @@ import numpy as np
 from repquant_jax._src.config import QuantConfig, SiteSpec
 from repquant_jax._src.graph import Graph
 from repquant_jax._src.sites import Plan
-from repquant_jax._src.types import LOG_KINDS
+from repquant_jax._src.types import LOG_KINDS, Granularity, QuantizerKind
 
 __all__ = ["resolve_specs", "calibration_rows"]
 
@@ -81,7 +81,9 @@ def resolve_specs(
         )
         specs[w.name] = _apply_rules(spec, config, used)
     for p in plan.points:
-        kind, granularity, bits, note = "uniform", "per_tensor", config.a_bits, ""
+        kind: QuantizerKind = "uniform"
+        granularity: Granularity = "per_tensor"
+        bits, note = config.a_bits, ""
         if p.source == "softmax":
             kind = config.softmax_quantizer
         elif p.source == "input":
@@ -105,13 +107,14 @@ def resolve_specs(
             config,
             used,
         )
-        few_rows = rows is not None and rows[p.name] < config.min_rows_per_channel
+        n_rows = None if rows is None else rows[p.name]
+        few_rows = n_rows is not None and n_rows < config.min_rows_per_channel
         if spec.granularity == "per_channel" and not spec.skip and few_rows:
             # Per-channel ranges from so few rows overfit the calibration set.
             spec = dataclasses.replace(
                 spec,
                 granularity="per_tensor",
-                note=f"per tensor: {rows[p.name]} calibration rows per channel < min_rows_per_channel "
+                note=f"per tensor: {n_rows} calibration rows per channel < min_rows_per_channel "
                 f"({config.min_rows_per_channel})",
             )
         specs[p.name] = spec

@@ -144,6 +144,7 @@ def calibrate(
             qp = calibrator.activations.get(group.point)
             if qp is not None and qp.axis is not None and group.consumers:
                 data = calibrator.reservoirs[group.point].data
+                assert data is not None  # the point was calibrated, so it kept values
                 clipping_rows[group.point] = subsample(data, config.dual_clipping.max_rows, rng)
     return state.replace(
         weights=calibrator.weights,
@@ -198,7 +199,8 @@ def fold_norms(traced: Traced, state: QuantState, config: QuantConfig, progress:
         traced.graph, plan, state.leaves, to_fold, state.activations, traced.first_chunk[0], config
     )
     input_scales, input_offsets, output_offsets = fold_offsets(folds)
-    activations, refit = dict(state.activations), set()
+    activations = dict(state.activations)
+    refit: set[str] = set()
     for group in to_fold:
         if group.point in failed:
             outcomes[group.point] = GroupOutcome(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import numpy as np
@@ -47,6 +47,10 @@ class QParams:
     input_offsets: dict[str, jax.Array]
     output_offsets: dict[str, jax.Array]
     input_scales: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass at runtime
+
+        def replace(self, **changes: Any) -> QParams: ...
 
 
 @dataclasses.dataclass(frozen=True)
