@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import jax
@@ -26,6 +26,8 @@ class BatchStream:
             raise ValueError("calib_batches is None: pass an iterable of calibration batches")
         self._iter = iter(calib_batches)
         self.count = 0
+        #: number of batches when ``calib_batches`` has a length (for progress), else None
+        self.total: int | None = len(calib_batches) if isinstance(calib_batches, Sized) else None
         self._signature: tuple[Any, Any] | None = None
 
     def chunk(self, size: int) -> list[tuple[Any, ...]]:

@@ -317,7 +317,7 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
             done.append((w.name, before, after))
             judged = "held-out output MSE" if held_out is not None else "output MSE"
             kept = "" if after < before else ", kept nearest rounding"  # no column improved
-            progress(f"reconstructed {w.name}: {judged} {before:.3g} -> {after:.3g}{kept} ({len(done)}/{len(sites)})")
+            progress(f"reconstructed {w.name}: {judged} {before:.3g} -> {after:.3g}{kept}", len(done), len(sites))
             new_operand = jnp.asarray(view, args[0][w.weight_operand].dtype)
             return [[new_operand if i == w.weight_operand else v for i, v in enumerate(a)] for a in args]
 

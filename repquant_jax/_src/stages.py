@@ -121,12 +121,14 @@ def calibrate(
     chunks: Iterable[Sequence[tuple[Any, ...]]],
     config: QuantConfig,
     progress: Progress,
+    total: int | None = None,
 ) -> QuantState:
     """Fits every site's quantizer in forward order, every upstream quantizer active.
 
     Batches are evaluated side by side a chunk at a time; each activation point keeps a
     bounded sample of its values across chunks and is re-fitted to it after each chunk.
     Also samples the calibration rows of the per-channel norm points for dual clipping.
+    ``total`` (the number of batches, when known) is for the progress bar only.
     """
     rng = np.random.default_rng(config.seed)
     calibrator = _Calibrator(traced, dict(state.specs), config, rng)
@@ -136,7 +138,9 @@ def calibrate(
         evaluate_batches(traced.graph, state.leaves, [jax.tree_util.tree_leaves(b) for b in chunk], calibrator.hooks)
         progress(
             f"calibrated {len(calibrator.activations)} activation and {len(calibrator.weights)} weight "
-            f"quantizers on {seen} batches"
+            f"quantizers on {seen} batches",
+            seen,
+            total,
         )
     clipping_rows = {}
     if config.dual_clipping is not None:

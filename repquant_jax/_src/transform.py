@@ -81,7 +81,7 @@ def transform(
         f"{len(plan.groups)} norm groups ({sum(g.foldable for g in plan.groups)} foldable)"
     )
     chunks = itertools.chain([first_chunk], stream.chunks(config.calibration_chunk))
-    state = stages.calibrate(traced, state, chunks, config, progress)
+    state = stages.calibrate(traced, state, chunks, config, progress, stream.total)
     state = stages.learn_clipping(traced, state, config, progress)
     state = stages.fold_norms(traced, state, config, progress)
     state = stages.refit_folded_weights(traced, state, config)
