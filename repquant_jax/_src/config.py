@@ -110,6 +110,18 @@ class Reconstruction:
         calibration data has them): each output column keeps its learned rounding only
         if that lowers the column's error on them, so that overfitting falls back to
         nearest rounding. 0 judges on the training tokens.
+      granularity: ``"layer"``: each weight matmul alone, matching its own output;
+        ``"block"`` / ``"sub_block"``: per transformer block (or sub-block), the
+        rounding of all its matmuls and the scales of its per-tensor activation
+        quantizers learned jointly to match the block's output
+        (`repquant_jax._src.block_recon`). With ``"block"``, ``held_out`` is the
+        fraction of calibration samples a block is judged on, and ``steps`` are per
+        block.
+      scale_learning_rate: Adam learning rate on the log activation scales (blocks).
+      qdrop: probability that an activation element skips quantization during block
+        training (QDrop); 0 disables it.
+      eval_every: block training steps between evaluations on the held-out samples;
+        a block keeps the learned state that was best there (early stopping).
     """
 
     steps: int = 200
@@ -120,6 +132,10 @@ class Reconstruction:
     warmup: float = 0.2
     max_rows: int = 1024
     held_out: float = 0.25
+    granularity: Literal["layer", "block", "sub_block"] = "layer"
+    scale_learning_rate: float = 1e-3
+    qdrop: float = 0.0
+    eval_every: int = 25
 
     def __post_init__(self):
         if not 0 <= self.held_out < 1:

@@ -24,7 +24,16 @@ import jax
 from repquant_jax._src.graph import LAYOUT_PRIMITIVES, Graph
 from repquant_jax._src.types import MATMUL_PRIMITIVES, NodeId, ValueId
 
-__all__ = ["Hook", "OperandHook", "MatmulFn", "Hooks", "evaluate", "evaluate_batches"]
+__all__ = [
+    "Hook",
+    "OperandHook",
+    "MatmulFn",
+    "Hooks",
+    "evaluate",
+    "evaluate_batches",
+    "evaluate_range",
+    "shared_values",
+]
 
 #: ``hook(values) -> values``: one value per batch in, one replacement per batch out.
 Hook = Callable[[list[Any]], list[Any]]
@@ -113,86 +122,138 @@ def evaluate_batches(
     """
     hooks = hooks or Hooks()
     hooks.check(graph)
-    rewrites, matmul_hooks, matmul_fns = hooks.rewrites, hooks.operands, hooks.matmul_fns
-    value_hooks = hooks.values
     if len(param_leaves) != len(graph.param_ids):
         raise ValueError(f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}")
-    n_batches = len(batches)
-    last_use = _last_use(graph)
-    # shared: input-independent values (one copy); per_batch: a list of n_batches values.
-    shared: dict[ValueId, Any] = dict(graph.consts)
-    per_batch: dict[ValueId, list[Any]] = {}
-    # Hooked values and their layout-only descendants, as matmuls should read them.
-    shadow_shared: dict[ValueId, Any] = {}
-    shadow_batch: dict[ValueId, list[Any]] = {}
-
-    def define(vid: ValueId, values: list[Any], is_shared: bool) -> None:
-        if vid in rewrites:
-            values = rewrites[vid](values)
-        if is_shared:
-            shared[vid] = values[0]
-        else:
-            per_batch[vid] = values
-        if vid in value_hooks:
-            replaced = value_hooks[vid](values)
-            if is_shared:
-                shadow_shared[vid] = replaced[0]
-            else:
-                shadow_batch[vid] = replaced
-
+    env = _Env(graph, hooks, len(batches))
     for vid, leaf in zip(graph.param_ids, param_leaves):
-        define(vid, [leaf], True)
+        env.define(vid, [leaf], True)
     for k, vid in enumerate(graph.input_ids):
-        define(vid, [batch[k] for batch in batches], False)
-
+        env.define(vid, [batch[k] for batch in batches], False)
+    last_use = _last_use(graph)
     for i, node in enumerate(graph.nodes):
-        index = NodeId(i)
-        is_shared = all(v in shared for v in node.inputs)
+        env.run(NodeId(i), node)
+        for vid in node.inputs:
+            if last_use.get(vid) == i:
+                env.free(vid)
+    return [
+        jax.tree_util.tree_unflatten(graph.output_treedef, [env.read(v, b, False) for v in graph.output_ids])
+        for b in range(len(batches))
+    ]
+
+
+def evaluate_range(
+    graph: Graph,
+    start: int,
+    stop: int,
+    shared: Mapping[ValueId, Any],
+    per_batch: Mapping[ValueId, list[Any]],
+    wanted: Sequence[ValueId],
+    hooks: Hooks | None = None,
+) -> dict[ValueId, list[Any]]:
+    """Evaluates nodes ``start .. stop - 1`` from the values they read (a part of the
+    graph, e.g. one transformer block), as `evaluate_batches` would.
+
+    Args:
+      graph: from `repquant_jax._src.graph.trace`.
+      start, stop: the node range.
+      shared: input-independent values the range reads (params, constants, what
+        derives from them).
+      per_batch: the other values it reads that are defined before ``start``, one per
+        batch. Value hooks apply to them as if they were defined here (rewrites do not:
+        they are already applied).
+      wanted: the values to return.
+      hooks: see `Hooks` (ids outside the range are ignored).
+
+    Returns:
+      ``wanted`` value -> one value per batch.
+    """
+    hooks = hooks or Hooks()
+    n_batches = len(next(iter(per_batch.values()))) if per_batch else 1
+    env = _Env(graph, hooks.replace(rewrites={}), n_batches)
+    env.shared.update(shared)
+    for vid, values in per_batch.items():
+        env.define(vid, list(values), False)
+    env.hooks = hooks
+    for i in range(start, stop):
+        env.run(NodeId(i), graph.nodes[i])
+    return {v: [env.read(v, b, False) for b in range(n_batches)] for v in wanted}
+
+
+class _Env:
+    """The values of one evaluation: input-independent ones once (``shared``), the
+    others once per batch, and the hooked form of each hooked value and of its
+    layout-only descendants (``shadow_*``: what matmuls read)."""
+
+    def __init__(self, graph: Graph, hooks: Hooks, n_batches: int):
+        self.graph, self.hooks, self.n_batches = graph, hooks, n_batches
+        self.shared: dict[ValueId, Any] = dict(graph.consts)
+        self.per_batch: dict[ValueId, list[Any]] = {}
+        self.shadow_shared: dict[ValueId, Any] = {}
+        self.shadow_batch: dict[ValueId, list[Any]] = {}
+
+    def define(self, vid: ValueId, values: list[Any], is_shared: bool) -> None:
+        if vid in self.hooks.rewrites:
+            values = self.hooks.rewrites[vid](values)
+        if is_shared:
+            self.shared[vid] = values[0]
+        else:
+            self.per_batch[vid] = values
+        if vid in self.hooks.values:
+            self._shadow(vid, self.hooks.values[vid](values), is_shared)
+
+    def _shadow(self, vid: ValueId, values: list[Any], is_shared: bool) -> None:
+        if is_shared:
+            self.shadow_shared[vid] = values[0]
+        else:
+            self.shadow_batch[vid] = values
+
+    def read(self, vid: ValueId, b: int, from_shadow: bool) -> Any:
+        if from_shadow:
+            if vid in self.shadow_shared:
+                return self.shadow_shared[vid]
+            if vid in self.shadow_batch:
+                return self.shadow_batch[vid][b]
+        return self.shared[vid] if vid in self.shared else self.per_batch[vid][b]
+
+    def run(self, index: NodeId, node: Any) -> None:
+        is_shared = all(v in self.shared for v in node.inputs)
         is_matmul = node.primitive in MATMUL_PRIMITIVES
-        n_runs = 1 if is_shared else n_batches
-
-        def read(vid: ValueId, b: int, from_shadow: bool) -> Any:
-            if from_shadow:
-                if vid in shadow_shared:
-                    return shadow_shared[vid]
-                if vid in shadow_batch:
-                    return shadow_batch[vid][b]
-            return shared[vid] if vid in shared else per_batch[vid][b]
-
-        args = [[read(v, b, is_matmul) for v in node.inputs] for b in range(n_runs)]
-        if index in matmul_hooks:
-            args = matmul_hooks[index](args)
+        n_runs = 1 if is_shared else self.n_batches
+        args = [[self.read(v, b, is_matmul) for v in node.inputs] for b in range(n_runs)]
+        if index in self.hooks.operands:
+            args = self.hooks.operands[index](args)
         results: list[Sequence[Any]]
-        if index in matmul_fns:
-            results = [(matmul_fns[index](a),) for a in args]
+        if index in self.hooks.matmul_fns:
+            results = [(self.hooks.matmul_fns[index](a),) for a in args]
         else:
             results = [node.fn(*a) for a in args]
         # Layout ops carry a shadow forward so that matmuls downstream read the hooked value.
         shadowed = node.primitive in LAYOUT_PRIMITIVES and any(
-            v in shadow_shared or v in shadow_batch for v in node.inputs
+            v in self.shadow_shared or v in self.shadow_batch for v in node.inputs
         )
         if shadowed:
-            shadow_results = [node.fn(*(read(v, b, True) for v in node.inputs)) for b in range(n_runs)]
+            shadow_results = [node.fn(*(self.read(v, b, True) for v in node.inputs)) for b in range(n_runs)]
         for k, vid in enumerate(node.outputs):
-            define(vid, [r[k] for r in results], is_shared)
-            if shadowed and vid not in value_hooks:
-                values = [r[k] for r in shadow_results]
-                if is_shared:
-                    shadow_shared[vid] = values[0]
-                else:
-                    shadow_batch[vid] = values
-        for vid in node.inputs:
-            if last_use.get(vid) == index:
-                for store in (per_batch, shadow_batch, shadow_shared):
-                    store.pop(vid, None)
-                if vid not in graph.consts:
-                    shared.pop(vid, None)
+            self.define(vid, [r[k] for r in results], is_shared)
+            if shadowed and vid not in self.hooks.values:
+                self._shadow(vid, [r[k] for r in shadow_results], is_shared)
 
-    outputs = []
-    for b in range(n_batches):
-        leaves = [shared[v] if v in shared else per_batch[v][b] for v in graph.output_ids]
-        outputs.append(jax.tree_util.tree_unflatten(graph.output_treedef, leaves))
-    return outputs
+    def free(self, vid: ValueId) -> None:
+        for store in (self.per_batch, self.shadow_batch, self.shadow_shared):
+            store.pop(vid, None)
+        if vid not in self.graph.consts:
+            self.shared.pop(vid, None)
+
+
+def shared_values(graph: Graph, param_leaves: Sequence[Any]) -> dict[ValueId, Any]:
+    """Every input-independent value of the graph: params, constants and what the
+    graph computes from them alone (transposed kernels, masks from iota)."""
+    shared: dict[ValueId, Any] = dict(graph.consts)
+    shared.update(zip(graph.param_ids, param_leaves))
+    for node in graph.nodes:
+        if all(v in shared for v in node.inputs):
+            shared.update(zip(node.outputs, node.fn(*(shared[v] for v in node.inputs))))
+    return shared
 
 
 def _last_use(graph: Graph) -> dict[ValueId, NodeId]:

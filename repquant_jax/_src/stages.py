@@ -22,6 +22,7 @@ import numpy as np
 
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.adapters import check_reads_params
+from repquant_jax._src.block_recon import reconstruct_blocks
 from repquant_jax._src.config import QuantConfig, SiteSpec
 from repquant_jax._src.fit import Reservoir, calibrate_values, calibrate_weight, point_values, subsample
 from repquant_jax._src.fold import weight_matrix
@@ -256,13 +257,24 @@ def refit_folded_weights(traced: Traced, state: QuantState, config: QuantConfig)
 
 
 def reconstruct(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
-    """Learns the rounding of the weights (RepQuant), in forward order."""
-    if config.reconstruction is None:
+    """Learns the rounding of the weights (RepQuant): per weight matmul in forward order,
+    or per block jointly with the block's activation scales."""
+    rc = config.reconstruction
+    if rc is None:
         return state
-    qparams = reconstruct_weights(
-        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config, progress
+    if rc.granularity == "layer":
+        qparams = reconstruct_weights(
+            traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config, progress
+        )
+        return state.replace(leaves=tuple(jax.tree_util.tree_leaves(qparams.params)))
+    qparams, results = reconstruct_blocks(
+        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, rc, config.seed, progress
     )
-    return state.replace(leaves=tuple(jax.tree_util.tree_leaves(qparams.params)))
+    return state.replace(
+        leaves=tuple(jax.tree_util.tree_leaves(qparams.params)),
+        activations=qparams.activations,
+        reconstruction=tuple(str(r) for r in results),
+    )
 
 
 def _measured(hooks: Hooks, state: QuantState, names: dict[Any, str], errors: dict[str, tuple[float, float]]) -> Hooks:
@@ -316,4 +328,5 @@ def report(traced: Traced, state: QuantState, config: QuantConfig) -> TransformR
     notes = plan.notes + tuple(
         f"rule {r.pattern!r} matched no site" for i, r in enumerate(config.rules) if i not in used_rules
     )
+    notes += tuple(f"reconstruction {line}" for line in state.reconstruction)
     return TransformReport(tuple(rows), notes)

@@ -106,6 +106,8 @@ class QuantState:
       samples: activation point -> (values kept, values seen) during calibration.
       clipping_rows: norm group point -> calibration rows for dual clipping.
       refit: weight sites whose kernels the folds rescaled (to be re-calibrated).
+      reconstruction: one line per block reconstruction unit (losses before/after on
+        both splits, kept or not), for the report.
     """
 
     specs: Mapping[str, SiteSpec]
@@ -119,6 +121,7 @@ class QuantState:
     samples: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     clipping_rows: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     refit: frozenset[str] = frozenset()
+    reconstruction: tuple[str, ...] = ()
 
     def replace(self, **changes: Any) -> QuantState:
         """The next state."""
