@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,12 +36,12 @@ from repquant_jax._src import quantizers as qz
 from repquant_jax._src.config import Reconstruction
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 from repquant_jax._src.graph import Graph
-from repquant_jax._src.hooks import affine_input, quant_hooks
+from repquant_jax._src.hooks import affine_input, fake_quant_weight
 from repquant_jax._src.interpret import Hooks, evaluate_range, shared_values
 from repquant_jax._src.param_edits import params_with_weights
 from repquant_jax._src.sites import Plan, WeightSite
 from repquant_jax._src.state import QParams
-from repquant_jax._src.types import ValueId
+from repquant_jax._src.types import NodeId, ValueId
 from repquant_jax._src.units import Unit, find_units
 
 __all__ = ["UnitResult", "reconstruct_blocks", "compile_count"]
@@ -75,14 +74,28 @@ class UnitResult:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Program:
-    """A unit as the training loop sees it. Equal (and equally hashed) for units of
-    identical structure, so that they share one compiled `_train`."""
+    """A unit as the training loop sees it: its nodes and which values and matmuls are
+    hooked, all quantizer state being data. Equal (and equally hashed) for units of
+    identical structure, so that they share one compiled `_train`.
+
+    Attributes:
+      graph, unit: where the nodes are.
+      shared: input-independent values the unit reads, in order of first use.
+      points: activation points hooked in the unit (value ids); ``learned_points``
+        marks those whose scale is learned.
+      weights: ``(node, weight operand, contracting axes)`` of its quantized weight
+        matmuls; ``learned_weights`` marks those whose rounding is learned.
+      offsets: matmul outputs with a fold's output offset.
+    """
 
     graph: Graph
     unit: Unit
-    weights: tuple[WeightSite, ...]  # learned rounding
-    scales: tuple[str, ...]  # learned per-tensor scales (point names)
-    scale_ids: tuple[ValueId, ...]  # their value ids
+    shared: tuple[ValueId, ...]
+    points: tuple[ValueId, ...]
+    learned_points: tuple[bool, ...]
+    weights: tuple[tuple[NodeId, int, tuple[int, ...]], ...]
+    learned_weights: tuple[bool, ...]
+    offsets: tuple[ValueId, ...]
     signature: tuple
 
     def __hash__(self) -> int:
@@ -92,14 +105,12 @@ class _Program:
         return isinstance(other, _Program) and self.signature == other.signature
 
 
-def _signature(graph: Graph, unit: Unit, ids: Mapping[ValueId, int]) -> tuple:
-    """The unit's structure with value ids renumbered from its own inputs."""
-    local = dict(ids)
+def _program(graph: Graph, unit: Unit, shared, points, learned_points, weights, learned_weights, offsets) -> _Program:
+    """The program, with a signature over value ids renumbered in order of use."""
+    local: dict[ValueId, int] = {v: k for k, v in enumerate(unit.inputs)}
 
     def rel(v):
-        if v not in local:
-            local[v] = len(local)
-        return local[v]
+        return local.setdefault(v, len(local))
 
     rows = []
     for node in graph.nodes[unit.start : unit.stop]:
@@ -107,7 +118,16 @@ def _signature(graph: Graph, unit: Unit, ids: Mapping[ValueId, int]) -> tuple:
         rows.append((node.primitive, repr(sorted(node.params.items())), shapes, tuple(rel(v) for v in node.inputs)))
         for v in node.outputs:
             rel(v)
-    return tuple(rows)
+    signature = (
+        tuple(rows),
+        tuple(rel(v) for v in shared),
+        tuple(rel(v) for v in points),
+        learned_points,
+        tuple((n - unit.start, op, c) for n, op, c in weights),
+        learned_weights,
+        tuple(rel(v) for v in offsets),
+    )
+    return _Program(graph, unit, shared, points, learned_points, weights, learned_weights, offsets, signature)
 
 
 def _h(v):
@@ -138,57 +158,72 @@ def _nearest(operand, qp, contracting):
     return (jnp.round(rest) - jnp.floor(rest)).astype(matrix.dtype)
 
 
-def _hooks(program: _Program, base: Hooks, learn, data, mode: str, key, qdrop: float) -> Hooks:
-    """The unit's hooks: ``mode`` ``"soft"`` (training), ``"hard"`` (learned, rounded)
-    or ``"nearest"`` (before learning)."""
-    values = dict(base.values)
-    for k, name in enumerate(program.scales):
-        point = data["points"][name]
-        qp = point["qp"]
-        if mode != "nearest":
-            qp = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
-        drop = qdrop if mode == "soft" else 0.0
-        sub = jax.random.fold_in(key, k)
-
-        def hook(vs, qp=qp, point=point, drop=drop, sub=sub):
-            out = []
-            for v in vs:
-                v = affine_input(v, point["scale"], point["offset"])
-                q = qz.fake_quant(v, qp).astype(v.dtype)
-                if drop:
-                    q = jnp.where(jax.random.bernoulli(sub, drop, v.shape), v, q)
-                out.append(q)
-            return out
-
-        values[program.scale_ids[k]] = hook
-    operands = dict(base.operands)
-    for k, w in enumerate(program.weights):
-        qp = data["weights"][w.name]
-        if mode == "soft":
-            rounding = _h(learn["rounding"][k])
-        elif mode == "hard":
-            rounding = (_h(learn["rounding"][k]) >= 0.5).astype(jnp.float32)
-        else:
-            rounding = None
-
-        def operand_hook(args, w=w, qp=qp, rounding=rounding):
-            operand = args[0][w.weight_operand]
-            r = _nearest(operand, qp, w.contracting) if rounding is None else rounding.astype(operand.dtype)
-            new = _rounded(operand, qp, w.contracting, r)
-            return [[new if i == w.weight_operand else v for i, v in enumerate(a)] for a in args]
-
-        operands[w.node] = operand_hook
-    return base.replace(values=values, operands=operands)
+def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hooks:
+    """The unit's hooks from ``data``: ``mode`` ``"soft"`` (training), ``"hard"``
+    (learned, rounded), ``"nearest"`` (before learning) or ``"float"`` (the folded float
+    model: input affines and output offsets only)."""
+    values, operands, rewrites = {}, {}, {}
+    scale_index = 0
+    for k, vid in enumerate(program.points):
+        point = data["points"][k]
+        qp = None if mode == "float" else point["qp"]
+        if program.learned_points[k]:
+            if mode not in ("nearest", "float"):
+                learned = point["qp"]
+                qp = learned.replace(scale=learned.scale * jnp.exp(learn["log_scale"][scale_index]))
+            scale_index += 1
+        values[vid] = functools.partial(
+            _point, qp, point["scale"], point["offset"], qdrop if mode == "soft" else 0.0, jax.random.fold_in(key, k)
+        )
+    rounding_index = 0
+    for k, (node, operand, contracting) in enumerate(program.weights):
+        rounding = None
+        if program.learned_weights[k]:
+            if mode in ("soft", "hard"):
+                h = _h(learn["rounding"][rounding_index])
+                rounding = h if mode == "soft" else (h >= 0.5).astype(jnp.float32)
+            rounding_index += 1
+        if mode != "float":
+            operands[node] = functools.partial(_weight, data["weights"][k], operand, contracting, rounding)
+    for k, vid in enumerate(program.offsets):
+        rewrites[vid] = functools.partial(_offset, data["offsets"][k])
+    return Hooks(values=values, rewrites=rewrites, operands=operands)
 
 
-def _run(program: _Program, base: Hooks, learn, data, inputs, mode: str, key, qdrop: float = 0.0):
+def _point(qp, scale, offset, drop: float, key, values):
+    out = []
+    for v in values:
+        v = affine_input(v, scale, offset)
+        if qp is not None:
+            q = qz.fake_quant(v, qp).astype(v.dtype)
+            v = jnp.where(jax.random.bernoulli(key, drop, v.shape), v, q) if drop else q
+        out.append(v)
+    return out
+
+
+def _weight(qp, operand: int, contracting, rounding, args):
+    w = args[0][operand]
+    if rounding is None and qp.kind not in ("uniform", "symmetric"):
+        new = fake_quant_weight(w, qp, contracting)
+    else:
+        r = _nearest(w, qp, contracting) if rounding is None else rounding.astype(w.dtype)
+        new = _rounded(w, qp, contracting, r)
+    return [[new if i == operand else x for i, x in enumerate(a)] for a in args]
+
+
+def _offset(offset, values):
+    return [v + offset.astype(v.dtype) for v in values]
+
+
+def _run(program: _Program, learn, data, inputs, mode: str, key, qdrop: float = 0.0):
     """The unit's outputs, stacked over calibration batches."""
     unit = program.unit
+    shared = dict(zip(program.shared, data["shared"]))
 
     def one(batch_inputs, key):
-        hooks = _hooks(program, base, learn, data, mode, key, qdrop)
+        hooks = _hooks(program, learn, data, mode, key, qdrop)
         per_batch = {v: [batch_inputs[k]] for k, v in enumerate(unit.inputs)}
-        out = evaluate_range(program.graph, unit.start, unit.stop, data["shared"], per_batch, unit.outputs, hooks)
+        out = evaluate_range(program.graph, unit.start, unit.stop, shared, per_batch, unit.outputs, hooks)
         return [out[v][0] for v in unit.outputs]
 
     keys = jax.random.split(key, inputs[0].shape[0])
@@ -211,35 +246,24 @@ def _optimizer(hyper: Reconstruction) -> optax.GradientTransformation:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("program", "base_key", "hyper", "chunk"))
+@functools.partial(jax.jit, static_argnames=("program", "hyper", "chunk"))
 def _train(
-    program: _Program,
-    base_key: Any,
-    hyper: Reconstruction,
-    chunk: int,
-    first_step,
-    learn,
-    opt_state,
-    data,
-    inputs,
-    targets,
-    mask,
-    key,
+    program: _Program, hyper: Reconstruction, chunk: int, first_step, learn, opt_state, data, inputs, targets, mask, key
 ):
     """``chunk`` optimization steps from ``first_step`` (of ``hyper.steps``)."""
-    base = _BASES[base_key]
     optimizer = _optimizer(hyper)
     warm = int(hyper.steps * hyper.warmup)
     denom = jnp.maximum(mask.sum(), 1.0)
+    n_weights = max(1, sum(v.size for v in learn["rounding"]))
 
     def loss(learn, step, key):
-        outputs = _run(program, base, learn, data, inputs, "soft", key, hyper.qdrop)
+        outputs = _run(program, learn, data, inputs, "soft", key, hyper.qdrop)
         rec = (_per_sample_mse(outputs, targets) * mask).sum() / denom
         t = jnp.clip((step - warm) / max(1, hyper.steps - warm), 0.0, 1.0)
         beta = hyper.beta_end + (hyper.beta_start - hyper.beta_end) * (1 - t)
         lam = jnp.where(step < warm, 0.0, hyper.reg_weight)
         reg = sum(jnp.sum(1 - jnp.abs(2 * _h(v) - 1) ** beta) for v in learn["rounding"])
-        return rec + lam * reg / max(1, sum(v.size for v in learn["rounding"])) * 1e3
+        return rec + lam * reg / n_weights * 1e3
 
     def body(step, carry):
         learn, opt_state = carry
@@ -250,19 +274,14 @@ def _train(
     return jax.lax.fori_loop(first_step, first_step + chunk, body, (learn, opt_state))
 
 
-# Base hooks by key: hooks hold closures, which cannot be static jit arguments by value.
-_BASES: dict[Any, Hooks] = {}
-_TOKENS = itertools.count()
+@functools.partial(jax.jit, static_argnames=("program", "mode"))
+def _evaluate(program: _Program, mode: str, learn, data, inputs, key):
+    return _run(program, learn, data, inputs, mode, key)
 
 
-@functools.partial(jax.jit, static_argnames=("program", "base_key", "mode"))
-def _evaluate(program: _Program, base_key: Any, mode: str, learn, data, inputs, key):
-    return _run(program, _BASES[base_key], learn, data, inputs, mode, key)
-
-
-def _error(program, base_key, data, inputs, targets, key, learn, mode):
+def _error(program, data, inputs, targets, key, learn, mode):
     """Per-sample output error of the unit in ``mode``."""
-    return _per_sample_mse(_evaluate(program, base_key, mode, learn, data, inputs, key), targets)
+    return _per_sample_mse(_evaluate(program, mode, learn, data, inputs, key), targets)
 
 
 def compile_count() -> int:
@@ -270,7 +289,7 @@ def compile_count() -> int:
     return _train._cache_size()  # type: ignore[attr-defined]  # jit's private cache counter
 
 
-def _split_mask(inputs: Sequence[jax.Array], targets: Sequence[jax.Array], held_out: float, seed: int):
+def _split_mask(targets: Sequence[jax.Array], held_out: float, seed: int):
     """Training mask ``[batches, rows]`` and whether held-out samples exist. Samples are
     the rows of the leading axis of every batch when all outputs share it, else batches."""
     n_batches, rows = targets[0].shape[0], targets[0].shape[1] if targets[0].ndim > 1 else 1
@@ -309,131 +328,123 @@ def reconstruct_blocks(
       scales, and one `UnitResult` per unit.
     """
     units = find_units(graph, plan, "sub_block" if config.granularity == "sub_block" else "block")
-    leaves = list(jax.tree_util.tree_leaves(qparams.params))
-    shared = shared_values(graph, leaves)
-    float_hooks = quant_hooks(graph, plan, qparams, quantize=False)
-    quant = quant_hooks(graph, plan, qparams)
-    token = next(_TOKENS)  # programs of one call only: the base hooks hold its quantizers
-    base_key = token
-    _BASES[base_key] = quant
-    _BASES[(base_key, "float")] = float_hooks
-    weights = {w.name: w for w in plan.weights}
-    points = {p.name: p for p in plan.points}
+    shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
     float_env = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
     quant_env = dict(float_env)
     updates: list[tuple[WeightSite, Any]] = []
     activations = dict(qparams.activations)
     results = []
     key = jax.random.key(seed)
-    try:
-        for i, unit in enumerate(units):
-            learned_w = tuple(
-                weights[n]
-                for n in unit.weights
-                if n in qparams.weights
-                and weights[n].owns_leaf
-                and graph.nodes[weights[n].node].primitive == "dot_general"
-                and qparams.weights[n].kind in ("uniform", "symmetric")
-            )
-            learned_s = tuple(
-                n
-                for n in unit.points
-                if n in activations and activations[n].axis is None and activations[n].kind in ("uniform", "symmetric")
-            )
-            point_ids = {n: points[n].value_id for n in learned_s}
-            program = _program(graph, unit, learned_w, learned_s, point_ids, token)
-            float_program = _program(graph, unit, (), (), point_ids, token)
-            data = {
-                "shared": {
-                    v: shared[v] for n in range(unit.start, unit.stop) for v in graph.nodes[n].inputs if v in shared
-                },
-                "weights": {w.name: qparams.weights[w.name] for w in learned_w},
-                "points": {
-                    n: {
-                        "qp": activations[n],
-                        "scale": qparams.input_scales.get(n),
-                        "offset": qparams.input_offsets.get(n),
-                    }
-                    for n in learned_s
-                },
-            }
-            f_inputs = [float_env[v] for v in unit.inputs]
-            q_inputs = [quant_env[v] for v in unit.inputs]
-            k_eval, k_train, key = jax.random.split(key, 3)
-            targets = _evaluate(float_program, (base_key, "float"), "nearest", None, data, f_inputs, k_eval)
-            learn = {
-                "rounding": [
-                    _init_rounding(
-                        shared[graph.nodes[w.node].inputs[w.weight_operand]], qparams.weights[w.name], w.contracting
-                    )
-                    for w in learned_w
-                ],
-                "log_scale": [jnp.zeros((), jnp.float32) for _ in learned_s],
-            }
-            mask, has_held = _split_mask(q_inputs, targets, config.held_out, seed + i)
-            judge = (1.0 - mask) if has_held else mask
-            mean = lambda e, m: float((e * m).sum() / max(float(m.sum()), 1.0))  # noqa: E731
-
-            error = functools.partial(_error, program, base_key, data, q_inputs, targets, k_eval)
-
-            before = error(learn, "nearest")
-            after = before
-            if learned_w or learned_s:
-                # train in chunks, keeping the rounding and scales that are best on the
-                # held-out samples (early stopping)
-                opt_state = _optimizer(config).init(learn)
-                best, best_err, step = learn, mean(before, judge), 0
-                while step < config.steps:
-                    chunk = min(config.eval_every, config.steps - step)
-                    learn, opt_state = _train(
-                        program, base_key, config, chunk, step, learn, opt_state, data, q_inputs, targets, mask, k_train
-                    )
-                    step += chunk
-                    err = error(learn, "hard")
-                    if mean(err, judge) < best_err:
-                        best, best_err, after = learn, mean(err, judge), err
-                learn = best
-            result = UnitResult(
-                unit,
-                mean(before, mask),
-                mean(after, mask),
-                mean(before, 1.0 - mask) if has_held else None,
-                mean(after, 1.0 - mask) if has_held else None,
-                mean(after, judge) < mean(before, judge),
-            )
-            results.append(result)
-            progress(f"reconstructed {result}", i + 1, len(units))
-            mode = "hard" if result.kept else "nearest"
-            if result.kept:
-                for k, w in enumerate(learned_w):
-                    operand = shared[graph.nodes[w.node].inputs[w.weight_operand]]
-                    rounding = (_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
-                    view = _rounded(operand, qparams.weights[w.name], w.contracting, rounding)
-                    updates.append((w, np.asarray(view)))
-                for k, n in enumerate(learned_s):
-                    qp = activations[n]
-                    activations[n] = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
-            # the next unit reads this unit's outputs: float targets, quantized (learned) ones
-            q_out = _evaluate(program, base_key, mode, learn, data, q_inputs, k_eval)
-            float_env.update(zip(unit.outputs, targets))
-            quant_env.update(zip(unit.outputs, q_out))
-    finally:
-        _BASES.pop(base_key, None)
-        _BASES.pop((base_key, "float"), None)
+    for i, unit in enumerate(units):
+        program, data, learned_w, learned_s = _unit_program(graph, plan, unit, qparams, shared)
+        f_inputs = [float_env[v] for v in unit.inputs]
+        q_inputs = [quant_env[v] for v in unit.inputs]
+        k_eval, k_train, key = jax.random.split(key, 3)
+        targets = _evaluate(program, "float", None, data, f_inputs, k_eval)
+        learn = {
+            "rounding": [
+                _init_rounding(
+                    shared[graph.nodes[w.node].inputs[w.weight_operand]], qparams.weights[w.name], w.contracting
+                )
+                for w in learned_w
+            ],
+            "log_scale": [jnp.zeros((), jnp.float32) for _ in learned_s],
+        }
+        mask, has_held = _split_mask(targets, config.held_out, seed + i)
+        judge = (1.0 - mask) if has_held else mask
+        error = functools.partial(_error, program, data, q_inputs, targets, k_eval)
+        before = after = error(learn, "nearest")
+        if learned_w or learned_s:
+            # train in chunks, keeping what is best on the held-out samples (early stopping)
+            opt_state = _optimizer(config).init(learn)
+            best, best_err, step = learn, _masked_mean(before, judge), 0
+            while step < config.steps:
+                chunk = min(config.eval_every, config.steps - step)
+                learn, opt_state = _train(
+                    program, config, chunk, step, learn, opt_state, data, q_inputs, targets, mask, k_train
+                )
+                step += chunk
+                err = error(learn, "hard")
+                if _masked_mean(err, judge) < best_err:
+                    best, best_err, after = learn, _masked_mean(err, judge), err
+            learn = best
+        result = UnitResult(
+            unit,
+            _masked_mean(before, mask),
+            _masked_mean(after, mask),
+            _masked_mean(before, 1.0 - mask) if has_held else None,
+            _masked_mean(after, 1.0 - mask) if has_held else None,
+            _masked_mean(after, judge) < _masked_mean(before, judge),
+        )
+        results.append(result)
+        progress(f"reconstructed {result}", i + 1, len(units))
+        if result.kept:
+            for k, w in enumerate(learned_w):
+                operand = shared[graph.nodes[w.node].inputs[w.weight_operand]]
+                rounding = (_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
+                updates.append((w, np.asarray(_rounded(operand, qparams.weights[w.name], w.contracting, rounding))))
+            for k, n in enumerate(learned_s):
+                qp = activations[n]
+                activations[n] = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
+        # the next unit reads this unit's outputs: float targets, quantized (learned) ones
+        q_out = _evaluate(program, "hard" if result.kept else "nearest", learn, data, q_inputs, k_eval)
+        float_env.update(zip(unit.outputs, targets))
+        quant_env.update(zip(unit.outputs, q_out))
     new_params = params_with_weights(qparams.params, updates)
     return qparams.replace(params=new_params, activations=activations), tuple(results)
 
 
-def _program(
-    graph: Graph,
-    unit: Unit,
-    weights: tuple[WeightSite, ...],
-    scales: tuple[str, ...],
-    point_ids: Mapping[str, ValueId],
-    token: int,
-) -> _Program:
-    ids = {v: k for k, v in enumerate(unit.inputs)}
-    learned = tuple((w.name, w.weight_operand, w.contracting) for w in weights)
-    scale_ids = tuple(point_ids[n] for n in scales)
-    signature = (token, unit.start, _signature(graph, unit, ids), learned, scales)
-    return _Program(graph, unit, weights, scales, scale_ids, signature)
+def _masked_mean(err, mask) -> float:
+    return float((err * mask).sum() / max(float(jnp.sum(mask)), 1.0))
+
+
+def _unit_program(graph: Graph, plan: Plan, unit: Unit, qparams: QParams, shared: Mapping[ValueId, Any]):
+    """The unit's program, its data, and the weight sites and points it learns."""
+    in_unit = range(unit.start, unit.stop)
+    shared_ids = tuple(dict.fromkeys(v for n in in_unit for v in graph.nodes[n].inputs if v in shared))
+    defined = {v for n in in_unit for v in graph.nodes[n].outputs} | set(unit.inputs)
+    acts = qparams.activations
+    points = [
+        p
+        for p in plan.points
+        if p.value_id in defined
+        and (p.name in acts or p.name in qparams.input_offsets or p.name in qparams.input_scales)
+    ]
+
+    def learns_scale(name):
+        qp = acts.get(name)
+        return name in unit.points and qp is not None and qp.axis is None and qp.kind in ("uniform", "symmetric")
+
+    sites = [w for w in plan.weights if unit.start <= w.node < unit.stop and w.name in qparams.weights]
+
+    def learns_rounding(w):
+        qp = qparams.weights[w.name]
+        return w.owns_leaf and graph.nodes[w.node].primitive == "dot_general" and qp.kind in ("uniform", "symmetric")
+
+    offsets = [w for w in plan.weights if unit.start <= w.node < unit.stop and w.name in qparams.output_offsets]
+    program = _program(
+        graph,
+        unit,
+        shared_ids,
+        tuple(p.value_id for p in points),
+        tuple(learns_scale(p.name) for p in points),
+        tuple((w.node, w.weight_operand, w.contracting) for w in sites),
+        tuple(learns_rounding(w) for w in sites),
+        tuple(graph.nodes[w.node].outputs[0] for w in offsets),
+    )
+    data = {
+        "shared": [shared[v] for v in shared_ids],
+        "points": [
+            {
+                "qp": acts.get(p.name),
+                "scale": qparams.input_scales.get(p.name),
+                "offset": qparams.input_offsets.get(p.name),
+            }
+            for p in points
+        ],
+        "weights": [qparams.weights[w.name] for w in sites],
+        "offsets": [qparams.output_offsets[w.name] for w in offsets],
+    }
+    learned_w = tuple(w for w in sites if learns_rounding(w))
+    learned_s = tuple(p.name for p in points if learns_scale(p.name))
+    return program, data, learned_w, learned_s

@@ -138,7 +138,7 @@ def fold_norm_into_dense(
             input_offset = (shift / r1).astype(np.float32)
 
     # Corrections first, from the unscaled kernels. Consumers reading one kernel leaf
-    # (the same matmul applied twice) read it identically (sites.py checks it), so the
+    # (the same matmul applied twice) read it identically (param_leaves.py checks it), so the
     # leaf and its bias are edited once.
     deltas = []
     for consumer in group.consumers:
