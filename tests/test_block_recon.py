@@ -1,0 +1,91 @@
+"""Reconstruction units and block-wise reconstruction."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import zoo
+
+import repquant_jax as repquant
+from repquant_jax._src import block_recon
+from repquant_jax._src.graph import trace
+from repquant_jax._src.sites import analyze
+from repquant_jax._src.units import find_units
+
+
+def _deep_plain(layers: int, seed: int = 0, batch: int = 8, seq: int = 8):
+    """The zoo's plain-JAX pre-LN transformer with ``layers`` identical blocks."""
+    key = jax.random.key(seed)
+    params = {f"layer_{i}": zoo._block_params(jax.random.fold_in(key, i), 16, 64) for i in range(layers)}
+    kf, kh = jax.random.split(jax.random.fold_in(key, 1000))
+    params["final_ln"] = zoo._ln_params(kf, 16)
+    params["head"] = zoo._dense_init(kh, 16, 10)
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, seq, 16))
+
+    def apply_fn(p, x):
+        return zoo._plain_forward(p, x, num_layers=layers, heads=2)
+
+    return apply_fn, params, x
+
+
+@pytest.mark.parametrize("builder", ["linen_vit_block", "bert_block", "llama_block", "plain_jax_transformer"])
+def test_units_cover_the_graph_in_order(builder):
+    m = getattr(zoo, builder)()
+    graph = trace(m.apply_fn, m.params, *m.inputs)
+    plan = analyze(graph)
+    for granularity in ("block", "sub_block"):
+        units = find_units(graph, plan, granularity)
+        assert units[0].start == 0 and units[-1].stop == len(graph.nodes)
+        assert all(a.stop == b.start for a, b in zip(units, units[1:]))
+        assert sorted(n for u in units for n in u.weights) == sorted(w.name for w in plan.weights)
+        assert all(u.weights and u.outputs for u in units)
+
+
+def test_one_block_per_layer_and_two_sub_blocks_each():
+    apply_fn, params, x = _deep_plain(3)
+    graph = trace(apply_fn, params, x)
+    plan = analyze(graph)
+    assert len(find_units(graph, plan, "block")) == 3  # the head joins the last block
+    assert len(find_units(graph, plan, "sub_block")) == 7  # attention, MLP per layer; head
+
+
+def _block_config(**kw):
+    return repquant.presets.repquant(4, 4, reconstruction=repquant.Reconstruction(granularity="block", **kw))
+
+
+def test_blocks_are_never_kept_worse_on_held_out_samples():
+    apply_fn, params, x = _deep_plain(2)
+    calib = [x * (1.0 + 0.1 * i) for i in range(2)]
+    q, qa = repquant.transform(apply_fn, params, calib, _block_config(steps=60))
+    lines = [n for n in qa.report.notes if n.startswith("reconstruction block")]
+    assert len(lines) == 2
+    for line in lines:
+        if line.endswith("; kept"):
+            held = line.split("held-out ")[1].split(";")[0]
+            before, after = (float(v) for v in held.split(" -> "))
+            assert after < before
+    out = qa(q, x)
+    assert np.isfinite(np.asarray(out)).all()
+    assert out.shape == apply_fn(params, x).shape
+
+
+def test_identical_blocks_share_one_compiled_training_loop():
+    apply_fn, params, x = _deep_plain(5)
+    before = block_recon.compile_count()
+    repquant.transform(apply_fn, params, [x], _block_config(steps=2, eval_every=2))
+    compiled = block_recon.compile_count() - before
+    # blocks 1..3 are identical; block 0 reads the function's input, block 4 holds the head
+    assert 1 <= compiled <= 3
+
+
+def test_without_learning_the_model_is_the_repq_vit_one():
+    apply_fn, params, x = _deep_plain(2)
+    base, qa = repquant.transform(apply_fn, params, [x], repquant.presets.repq_vit(4, 4))
+    blocks, qb = repquant.transform(
+        apply_fn,
+        params,
+        [x],
+        repquant.presets.repq_vit(4, 4, reconstruction=repquant.Reconstruction(granularity="block", steps=0)),
+    )
+    np.testing.assert_allclose(np.asarray(qb(blocks, x)), np.asarray(qa(base, x)), rtol=1e-6, atol=1e-6)
