@@ -353,21 +353,11 @@ def reconstruct_blocks(
         mask, has_held = _split_mask(targets, config.held_out, seed + i)
         judge = (1.0 - mask) if has_held else mask
         error = functools.partial(_error, program, data, q_inputs, targets, k_eval)
-        before = after = error(learn, "nearest")
+        before = error(learn, "nearest")
+        after = before
         if learned_w or learned_s:
-            # train in chunks, keeping what is best on the held-out samples (early stopping)
-            opt_state = _optimizer(config).init(learn)
-            best, best_err, step = learn, _masked_mean(before, judge), 0
-            while step < config.steps:
-                chunk = min(config.eval_every, config.steps - step)
-                learn, opt_state = _train(
-                    program, config, chunk, step, learn, opt_state, data, q_inputs, targets, mask, k_train
-                )
-                step += chunk
-                err = error(learn, "hard")
-                if _masked_mean(err, judge) < best_err:
-                    best, best_err, after = learn, _masked_mean(err, judge), err
-            learn = best
+            train = functools.partial(_train, program, config)
+            learn, after = _learn(train, error, learn, before, data, q_inputs, targets, mask, judge, config, k_train)
         result = UnitResult(
             unit,
             _masked_mean(before, mask),
@@ -392,6 +382,21 @@ def reconstruct_blocks(
         quant_env.update(zip(unit.outputs, q_out))
     new_params = params_with_weights(qparams.params, updates)
     return qparams.replace(params=new_params, activations=activations), tuple(results)
+
+
+def _learn(train, error, learn, before, data, inputs, targets, mask, judge, config: Reconstruction, key):
+    """Trains in chunks of ``config.eval_every`` steps and returns the state (and its
+    per-sample error) that is best on the judged samples: early stopping on held-out."""
+    opt_state = _optimizer(config).init(learn)
+    best, best_error, after, step = learn, _masked_mean(before, judge), before, 0
+    while step < config.steps:
+        chunk = min(config.eval_every, config.steps - step)
+        learn, opt_state = train(chunk, step, learn, opt_state, data, inputs, targets, mask, key)
+        step += chunk
+        err = error(learn, "hard")
+        if _masked_mean(err, judge) < best_error:
+            best, best_error, after = learn, _masked_mean(err, judge), err
+    return best, after
 
 
 def _masked_mean(err, mask) -> float:
