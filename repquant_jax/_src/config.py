@@ -92,8 +92,10 @@ class DualClipping:
 class Reconstruction:
     """Weight rounding reconstruction after the fold (AdaRound-style, docs/method.md).
 
-    Each weight matmul, in forward order, learns whether to round every weight up or
-    down so that its output on the quantized model's inputs matches the float model's.
+    With ``granularity="layer"`` each weight matmul, in forward order, learns whether to
+    round every weight up or down so that its output on the quantized model's inputs
+    matches the float model's; with ``"block"`` a transformer block does so for all its
+    matmuls at once, together with its activation scales.
     It fits the calibration data closely: calibrate on inputs like those of inference
     (for text, the same sequence lengths; MiniLM calibrated on 64-token truncations and
     evaluated on documents of up to 160 tokens got worse with it, see
