@@ -66,7 +66,14 @@ def main() -> None:
                 base = mean
             closure = "" if name == "repq_vit" else f"{(mean - base) / (float_acc - base):.2f}"
             rows.append(
-                [f"W{bits}A{bits}", name, f"{mean:.2f} ± {std:.2f}", closure, f"{statistics.median(times):.0f}", " ".join(kept)]
+                [
+                    f"W{bits}A{bits}",
+                    name,
+                    f"{mean:.2f} ± {std:.2f}",
+                    closure,
+                    f"{statistics.median(times):.0f}",
+                    " ".join(kept),
+                ]
             )
     table = markdown_table(
         ["bits", "method", "top-1 (%)", "gap closure", "transform (s, median)", "blocks kept per draw"], rows
