@@ -1,14 +1,15 @@
-"""Block-wise vs layer-wise reconstruction on the shipped Fashion-MNIST ViT (issue #14).
+"""Block-wise vs layer-wise reconstruction (issue #14) on the shipped models.
 
 Rows: repq_vit, repquant with its default layer-wise reconstruction, and repquant with
 block-wise reconstruction (`Reconstruction(granularity="block")`, with and without
-QDrop), at W4A4 and W3A3: top-1 on the 10k test set as mean ± std over calibration
-draws of 32 images, the gap closure (repquant − repq_vit) / (float − repq_vit), the
-transform time, and how many blocks kept what they learned. Writes
+QDrop). Cells: the model's metric as mean ± std over calibration draws (the models and
+metrics of `ptq_table.py`: ViT top-1, tiny LLaMA perplexity per byte, MiniLM Spearman),
+the gap closure (method − repq_vit) / (float − repq_vit), the median transform time, and
+how many blocks kept what they learned per draw. Writes
 experiments/results/block_reconstruction.md.
 
-    python experiments/block_reconstruction.py              # 3 draws, W4A4 and W3A3
-    python experiments/block_reconstruction.py --draws 1 --bits 4
+    python experiments/block_reconstruction.py                          # ViT W4A4 and W3A3, 3 draws
+    python experiments/block_reconstruction.py --models llama --bits 4
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import argparse
 import statistics
 import time
 
-import jax.numpy as jnp
-from common import RESULTS, calibration_draw, fashion_mnist_test, float_top1, load_vit, log, machine, markdown_table
+import jax
+from common import RESULTS, log, machine, markdown_table
+from ptq_table import SETUPS
 
 import repquant_jax as repquant
 
@@ -34,61 +36,78 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    args = parser.parse_args()
-    apply_fn, variables, info = load_vit()
-    images, labels = fashion_mnist_test()
-    float_acc = float_top1(apply_fn, variables, images, labels)
-    draws = [calibration_draw(32, seed=seed) for seed in range(args.draws)]
+def run_model(name: str, args) -> tuple[str, list[list[str]]]:
+    m = SETUPS[name](args)
+    apply_fn, variables, evaluate = m["apply_fn"], m["variables"], m["evaluate"]
+    metric = m["metrics"][0]
+    float_jit = jax.jit(apply_fn)
+    float_score = evaluate(lambda *x: float_jit(variables, *x))[metric]
+    log(f"{name} float {metric}: {float_score:.4g}")
     rows = []
     for bits in args.bits:
         base = None
-        for name, make in VARIANTS.items():
-            accs, times, kept = [], [], []
-            for seed, calib in enumerate(draws):
+        for variant, make in VARIANTS.items():
+            scores, times, kept = [], [], []
+            for seed, calib in enumerate(m["draws"]):
                 start = time.perf_counter()
                 qparams, qapply = repquant.transform(apply_fn, variables, calib, make(bits))
                 times.append(time.perf_counter() - start)
-                correct = 0
-                for i in range(0, len(images), 1000):
-                    logits = qapply(qparams, jnp.asarray(images[i : i + 1000]))
-                    correct += int((jnp.argmax(logits, -1) == labels[i : i + 1000]).sum())
-                accs.append(100.0 * correct / len(images))
+                scores.append(evaluate(lambda *x, q=qparams, f=qapply: f(q, *x))[metric])
                 units = [n for n in qapply.report.notes if n.startswith("reconstruction ")]
                 kept.append(f"{sum(n.endswith('; kept') for n in units)}/{len(units)}" if units else "")
-                log(f"W{bits}A{bits} {name} draw {seed}: {accs[-1]:.2f} ({times[-1]:.0f} s) {kept[-1]}")
-            mean = statistics.mean(accs)
-            std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-            if base is None:
-                base = mean
-            closure = "" if name == "repq_vit" else f"{(mean - base) / (float_acc - base):.2f}"
+                log(f"{name} W{bits}A{bits} {variant} draw {seed}: {scores[-1]:.4g} ({times[-1]:.0f} s) {kept[-1]}")
+            mean = statistics.mean(scores)
+            std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+            base = mean if base is None else base
+            closure = "" if variant == "repq_vit" else f"{(mean - base) / (float_score - base):.2f}"
             rows.append(
                 [
-                    f"W{bits}A{bits}",
                     name,
-                    f"{mean:.2f} ± {std:.2f}",
+                    f"W{bits}A{bits}",
+                    variant,
+                    f"{mean:.4g} ± {std:.2g}",
                     closure,
                     f"{statistics.median(times):.0f}",
                     " ".join(kept),
                 ]
             )
+    return f"- {name}: float {metric} {float_score:.4g}. {m['description']}", rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(SETUPS), default=["vit"])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--minilm-tokens", type=int, default=64)
+    parser.add_argument("--llama-windows", type=int, default=128)
+    parser.add_argument("--out", default=str(RESULTS / "block_reconstruction.md"))
+    args = parser.parse_args()
+    descriptions, rows = [], []
+    for name in args.models:
+        description, model_rows = run_model(name, args)
+        descriptions.append(description)
+        rows += model_rows
     table = markdown_table(
-        ["bits", "method", "top-1 (%)", "gap closure", "transform (s, median)", "blocks kept per draw"], rows
+        ["model", "bits", "method", "metric", "gap closure", "transform (s, median)", "blocks kept per draw"], rows
+    )
+    command = f"python experiments/block_reconstruction.py --models {' '.join(args.models)} --bits " + " ".join(
+        map(str, args.bits)
     )
     text = (
-        f"# Block-wise reconstruction on the Fashion-MNIST ViT\n\n"
-        f"`python experiments/block_reconstruction.py --draws {args.draws}` on {machine()}. ViT "
-        f"`{info['config']}`, float top-1 {float_acc:.2f}%, 10,000 test images; {args.draws} calibration draws "
-        f"of 32 training images (seeds 0..{args.draws - 1}), the same draws for every row. Gap closure = "
-        "(method − repq_vit) / (float − repq_vit).\n\n" + table + "\n"
+        "# Block-wise reconstruction\n\n"
+        f"`{command} --draws {args.draws}` on {machine()}. {args.draws} calibration draws (the same for every "
+        "row); gap closure = (method − repq_vit) / (float − repq_vit) of the mean.\n\n"
+        + "\n".join(descriptions)
+        + "\n\n"
+        + table
+        + "\n"
     )
-    out = RESULTS / "block_reconstruction.md"
-    out.write_text(text)
+    with open(args.out, "w") as f:
+        f.write(text)
     print(text)
-    log(f"wrote {out}")
+    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
