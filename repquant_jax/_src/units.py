@@ -17,7 +17,7 @@ import numpy as np
 
 from repquant_jax._src.graph import Graph
 from repquant_jax._src.sites import Plan
-from repquant_jax._src.types import NodeId, ValueId
+from repquant_jax._src.types import ValueId
 
 __all__ = ["Unit", "find_units"]
 
@@ -139,11 +139,3 @@ def find_units(graph: Graph, plan: Plan, granularity: Literal["block", "sub_bloc
         points = tuple(p.name for p in plan.points if readers[p.name] & matmuls)
         units.append(Unit(f"{label} {k}", start, stop, inputs, outputs, weights, points))
     return tuple(units)
-
-
-def unit_of_node(units: tuple[Unit, ...], node: NodeId) -> Unit:
-    """The unit holding ``node``."""
-    for u in units:
-        if u.start <= node < u.stop:
-            return u
-    raise KeyError(node)
