@@ -107,7 +107,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
-    log(f"wrote {args.out}")  # the path as given
+    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
