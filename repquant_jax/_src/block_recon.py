@@ -36,8 +36,9 @@ from repquant_jax._src import quantizers as qz
 from repquant_jax._src.config import Reconstruction
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
 from repquant_jax._src.graph import Graph
-from repquant_jax._src.hooks import affine_input, fake_quant_weight
+from repquant_jax._src.hooks import affine_input, fake_quant_weight, offset_rewrite, point_hook
 from repquant_jax._src.interpret import Hooks, evaluate_range, shared_values
+from repquant_jax._src.learn import adaround_h, adaround_logits, rounding_regularizer
 from repquant_jax._src.param_edits import params_with_weights
 from repquant_jax._src.sites import Plan, WeightSite
 from repquant_jax._src.state import QParams
@@ -130,10 +131,6 @@ def _program(graph: Graph, unit: Unit, shared, points, learned_points, weights, 
     return _Program(graph, unit, shared, points, learned_points, weights, learned_weights, offsets, signature)
 
 
-def _h(v):
-    return jnp.clip(jax.nn.sigmoid(v) * 1.2 - 0.1, 0.0, 1.0)
-
-
 def _rounded(operand, qp: qz.QuantParams, contracting, rounding):
     """The weight operand on its grid with per-weight rounding offsets in [0, 1]."""
     matrix = weight_matrix(operand, contracting)
@@ -148,8 +145,7 @@ def _init_rounding(operand, qp: qz.QuantParams, contracting):
     """AdaRound's initial logits: ``h(V)`` equal to the fractional part."""
     matrix = weight_matrix(operand, contracting)
     rest = matrix / jnp.asarray(qp.scale, matrix.dtype)
-    rest = jnp.clip(rest - jnp.floor(rest), 1e-3, 1 - 1e-3)
-    return -jnp.log(1.2 / (rest + 0.1) - 1)
+    return adaround_logits(rest - jnp.floor(rest))
 
 
 def _nearest(operand, qp, contracting):
@@ -180,25 +176,24 @@ def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hook
         rounding = None
         if program.learned_weights[k]:
             if mode in ("soft", "hard"):
-                h = _h(learn["rounding"][rounding_index])
+                h = adaround_h(learn["rounding"][rounding_index])
                 rounding = h if mode == "soft" else (h >= 0.5).astype(jnp.float32)
             rounding_index += 1
         if mode != "float":
             operands[node] = functools.partial(_weight, data["weights"][k], operand, contracting, rounding)
     for k, vid in enumerate(program.offsets):
-        rewrites[vid] = functools.partial(_offset, data["offsets"][k])
+        rewrites[vid] = offset_rewrite(data["offsets"][k])
     return Hooks(values=values, rewrites=rewrites, operands=operands)
 
 
 def _point(qp, scale, offset, drop: float, key, values):
-    out = []
-    for v in values:
-        v = affine_input(v, scale, offset)
-        if qp is not None:
-            q = qz.fake_quant(v, qp).astype(v.dtype)
-            v = jnp.where(jax.random.bernoulli(key, drop, v.shape), v, q) if drop else q
-        out.append(v)
-    return out
+    """The point's hook (`hooks.point_hook`); with ``drop``, each element keeps its
+    unquantized value with that probability (QDrop)."""
+    quantized = point_hook(qp, scale, offset)(values)
+    if not drop or qp is None:
+        return quantized
+    shifted = [affine_input(v, scale, offset) for v in values]
+    return [jnp.where(jax.random.bernoulli(key, drop, v.shape), v, q) for v, q in zip(shifted, quantized)]
 
 
 def _weight(qp, operand: int, contracting, rounding, args):
@@ -209,10 +204,6 @@ def _weight(qp, operand: int, contracting, rounding, args):
         r = _nearest(w, qp, contracting) if rounding is None else rounding.astype(w.dtype)
         new = _rounded(w, qp, contracting, r)
     return [[new if i == operand else x for i, x in enumerate(a)] for a in args]
-
-
-def _offset(offset, values):
-    return [v + offset.astype(v.dtype) for v in values]
 
 
 def _run(program: _Program, learn, data, inputs, mode: str, key, qdrop: float = 0.0):
@@ -262,7 +253,7 @@ def _train(
         t = jnp.clip((step - warm) / max(1, hyper.steps - warm), 0.0, 1.0)
         beta = hyper.beta_end + (hyper.beta_start - hyper.beta_end) * (1 - t)
         lam = jnp.where(step < warm, 0.0, hyper.reg_weight)
-        reg = sum(jnp.sum(1 - jnp.abs(2 * _h(v) - 1) ** beta) for v in learn["rounding"])
+        reg = sum(rounding_regularizer(adaround_h(v), beta) for v in learn["rounding"])
         return rec + lam * reg / n_weights * 1e3
 
     def body(step, carry):
@@ -371,7 +362,7 @@ def reconstruct_blocks(
         if result.kept:
             for k, w in enumerate(learned_w):
                 operand = shared[graph.nodes[w.node].inputs[w.weight_operand]]
-                rounding = (_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
+                rounding = (adaround_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
                 updates.append((w, np.asarray(_rounded(operand, qparams.weights[w.name], w.contracting, rounding))))
             for k, n in enumerate(learned_s):
                 qp = activations[n]

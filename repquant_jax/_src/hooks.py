@@ -23,6 +23,8 @@ __all__ = [
     "fake_quant_weight",
     "weight_operand_hook",
     "check_sites_exist",
+    "point_hook",
+    "offset_rewrite",
     "quant_hooks",
 ]
 
@@ -67,7 +69,10 @@ def check_sites_exist(plan: Plan, weights: Mapping[str, Any], activations: Mappi
         )
 
 
-def _point_hook(qp: qz.QuantParams | None, scale: Any, offset: Any) -> Hook:
+def point_hook(qp: qz.QuantParams | None, scale: Any, offset: Any) -> Hook:
+    """The hook of an activation point: the fold's input scale and offset, then the
+    fake quantizer (none for the folded float model)."""
+
     def hook(values):
         values = [affine_input(v, scale, offset) for v in values]
         return values if qp is None else [qz.fake_quant(v, qp).astype(v.dtype) for v in values]
@@ -75,7 +80,8 @@ def _point_hook(qp: qz.QuantParams | None, scale: Any, offset: Any) -> Hook:
     return hook
 
 
-def _offset_rewrite(offset: Any) -> Hook:
+def offset_rewrite(offset: Any) -> Hook:
+    """The rewrite adding a fold's output offset to a matmul's output."""
     return lambda values: [v + offset.astype(v.dtype) for v in values]
 
 
@@ -104,10 +110,10 @@ def quant_hooks(graph: Graph, plan: Plan, qparams: QParams, *, quantize: bool = 
             )
             operands[w.node] = weight_operand_hook(w, quantize_weight)
         if w.name in qparams.output_offsets:
-            rewrites[graph.nodes[w.node].outputs[0]] = _offset_rewrite(qparams.output_offsets[w.name])
+            rewrites[graph.nodes[w.node].outputs[0]] = offset_rewrite(qparams.output_offsets[w.name])
     for p in plan.points:
         qp = qparams.activations.get(p.name) if quantize else None
         scale, offset = qparams.input_scales.get(p.name), qparams.input_offsets.get(p.name)
         if qp is not None or offset is not None or scale is not None:
-            values[p.value_id] = _point_hook(qp, scale, offset)
+            values[p.value_id] = point_hook(qp, scale, offset)
     return Hooks(values=values, rewrites=rewrites, operands=operands)

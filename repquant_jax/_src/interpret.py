@@ -169,11 +169,10 @@ def evaluate_range(
     """
     hooks = hooks or Hooks()
     n_batches = len(next(iter(per_batch.values()))) if per_batch else 1
-    env = _Env(graph, hooks.replace(rewrites={}), n_batches)
+    env = _Env(graph, hooks, n_batches)
     env.shared.update(shared)
     for vid, values in per_batch.items():
-        env.define(vid, list(values), False)
-    env.hooks = hooks
+        env.define(vid, list(values), False, rewrite=False)
     for i in range(start, stop):
         env.run(NodeId(i), graph.nodes[i])
     return {v: [env.read(v, b, False) for b in range(n_batches)] for v in wanted}
@@ -191,8 +190,8 @@ class _Env:
         self.shadow_shared: dict[ValueId, Any] = {}
         self.shadow_batch: dict[ValueId, list[Any]] = {}
 
-    def define(self, vid: ValueId, values: list[Any], is_shared: bool) -> None:
-        if vid in self.hooks.rewrites:
+    def define(self, vid: ValueId, values: list[Any], is_shared: bool, rewrite: bool = True) -> None:
+        if rewrite and vid in self.hooks.rewrites:
             values = self.hooks.rewrites[vid](values)
         if is_shared:
             self.shared[vid] = values[0]

@@ -161,8 +161,19 @@ def learn_dual_clipping(
 # Weight reconstruction
 
 
-def _adaround_h(v, zeta=1.1, gamma=-0.1):
+def adaround_h(v, zeta=1.1, gamma=-0.1):
+    """AdaRound's rectified sigmoid: the soft rounding offset in [0, 1] of logits ``v``."""
     return jnp.clip(jax.nn.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def adaround_logits(rest):
+    """The logits whose `adaround_h` is ``rest`` (a fractional part): AdaRound's start."""
+    return -jnp.log((1.1 - -0.1) / (jnp.clip(rest, 1e-3, 1 - 1e-3) - -0.1) - 1)
+
+
+def rounding_regularizer(h, beta):
+    """AdaRound's regularizer ``Σ (1 - |2h - 1|^β)``, pushing every ``h`` to 0 or 1."""
+    return jnp.sum(1 - jnp.abs(2 * h - 1) ** beta)
 
 
 def adaround_matrix(
@@ -200,7 +211,7 @@ def adaround_matrix(
     z = jnp.broadcast_to(jnp.asarray(qp.zero_point), s.shape)
     w_floor = jnp.floor(w / s)
     rest = w / s - w_floor
-    v0 = -jnp.log((1.1 - -0.1) / (jnp.clip(rest, 1e-3, 1 - 1e-3) - -0.1) - 1)
+    v0 = adaround_logits(rest)
     target = x_fp @ w
     n_rows = x_q.shape[0]
 
@@ -211,8 +222,8 @@ def adaround_matrix(
         return jnp.sum((x_q @ dequant(h) - target) ** 2) / n_rows
 
     def loss_fn(v, beta, lam):
-        h = _adaround_h(v)
-        reg = jnp.sum(1 - jnp.abs(2 * h - 1) ** beta)
+        h = adaround_h(v)
+        reg = rounding_regularizer(h, beta)
         return rec(h) + lam * reg
 
     optimizer = optax.adam(config.learning_rate)
@@ -235,7 +246,7 @@ def adaround_matrix(
             v, state = step(v, state, jnp.float32(beta), jnp.float32(lam))
 
     nearest = jnp.round(rest + w_floor) - w_floor  # 0/1: ordinary rounding
-    learned = (_adaround_h(v) >= 0.5).astype(w.dtype)
+    learned = (adaround_h(v) >= 0.5).astype(w.dtype)
     judge_q, judge_fp = held_out if held_out is not None else (x_q, x_fp)
 
     def column_errors(h):

@@ -11,6 +11,7 @@ attention) and takes the sub-blocks after it (its MLP, a final head).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -47,10 +48,6 @@ class Unit:
         return f"{self.name}: nodes {self.start}..{self.stop - 1}, {len(self.weights)} weight matmuls"
 
 
-def _producers(graph: Graph) -> dict[ValueId, int]:
-    return {v: i for i, node in enumerate(graph.nodes) for v in node.outputs}
-
-
 def _input_dependent(graph: Graph) -> set[ValueId]:
     dep = set(graph.input_ids)
     for node in graph.nodes:
@@ -59,7 +56,7 @@ def _input_dependent(graph: Graph) -> set[ValueId]:
     return dep
 
 
-def _live_counts(graph: Graph, dep: set[ValueId], producers: dict[ValueId, int]) -> np.ndarray:
+def _live_counts(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int]) -> np.ndarray:
     """``counts[c]``: input-dependent values live across the cut before node ``c``."""
     n = len(graph.nodes)
     last = {v: i for i, node in enumerate(graph.nodes) for v in node.inputs}
@@ -74,7 +71,7 @@ def _live_counts(graph: Graph, dep: set[ValueId], producers: dict[ValueId, int])
     return np.cumsum(delta)[: n + 1]
 
 
-def _boundary(graph: Graph, dep: set[ValueId], producers: dict[ValueId, int], start: int, stop: int):
+def _boundary(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int], start: int, stop: int):
     """Inputs and outputs of the node range ``start .. stop - 1``."""
     reads_after = {v for node in graph.nodes[stop:] for v in node.inputs} | set(graph.output_ids)
     inputs: list[ValueId] = []
@@ -98,7 +95,7 @@ def find_units(graph: Graph, plan: Plan, granularity: Literal["block", "sub_bloc
     Returns:
       The units; a single one when the graph has no stream cut.
     """
-    producers = _producers(graph)
+    producers = graph.producers()
     dep = _input_dependent(graph)
     counts = _live_counts(graph, dep, producers)
     weight_nodes = sorted(w.node for w in plan.weights)
