@@ -50,6 +50,28 @@ def test_one_block_per_layer_and_two_sub_blocks_each():
     assert len(find_units(graph, plan, "sub_block")) == 7  # attention, MLP per layer; head
 
 
+def test_a_mask_every_block_reads_does_not_hide_the_block_boundaries():
+    """Post-LN BERT layers that all read one mask made before them, then a mean pooling
+    that reads the input mask: both are live across the block boundaries, the first not
+    after the last attention, so counting them would leave no cut between the blocks."""
+    layers = 3
+
+    def apply_fn(p, x, mask):
+        every_block = mask.astype(x.dtype)
+        for i in range(layers):
+            x = zoo.BertLayer(4, 128).apply(p[i], x, every_block)
+        weights = mask.astype(x.dtype)[..., None]
+        return (x * weights).sum(1) / weights.sum(1)
+
+    m = zoo.bert_block()
+    params = [zoo.BertLayer(4, 128).init(jax.random.key(i), *m.inputs) for i in range(layers)]
+    graph = trace(apply_fn, params, *m.inputs)
+    plan = analyze(graph)
+    blocks = find_units(graph, plan, "block")
+    assert [len(u.weights) for u in blocks] == [6] * layers
+    assert len(find_units(graph, plan, "sub_block")) == 2 * layers
+
+
 def _block_config(**kw):
     return repquant.presets.repquant(4, 4, reconstruction=repquant.Reconstruction(granularity="block", **kw))
 

@@ -2,8 +2,11 @@
 the residual stream (a transformer block, or a sub-block).
 
 A cut between two nodes is a *stream cut* when the fewest input-dependent values are
-live across it (in a transformer: the residual stream alone, plus inputs such as a mask
-that every block reads). Sub-blocks are the ranges between stream cuts, merged so each
+live across it (in a transformer: the residual stream alone). Side inputs, values made
+before the first weight matmul and still read after the second softmax (an attention
+mask that every block reads, the mask a final pooling reads), are not counted: they are
+live across most cuts but not all, and counting them would leave only the cuts after
+their last read (in a post-LN BERT with mean pooling: none between its blocks). Sub-blocks are the ranges between stream cuts, merged so each
 holds a weight matmul; a block starts at each sub-block that holds a softmax (its
 attention) and takes the sub-blocks after it (its MLP, a final head).
 """
@@ -56,8 +59,19 @@ def _input_dependent(graph: Graph) -> set[ValueId]:
     return dep
 
 
+def _side_inputs(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int], plan: Plan) -> set[ValueId]:
+    """Input-dependent values made before the first weight matmul and read after the
+    second softmax (see the module docstring); none with fewer than two softmaxes."""
+    softmax_nodes = sorted(s.node for s in plan.softmaxes)
+    if len(softmax_nodes) < 2 or not plan.weights:
+        return set()
+    first_weight = min(w.node for w in plan.weights)
+    read_late = {v for node in graph.nodes[softmax_nodes[1] + 1 :] for v in node.inputs} | set(graph.output_ids)
+    return {v for v in dep & read_late if producers.get(v, -1) < first_weight}
+
+
 def _live_counts(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int]) -> np.ndarray:
-    """``counts[c]``: input-dependent values live across the cut before node ``c``."""
+    """``counts[c]``: values of ``dep`` live across the cut before node ``c``."""
     n = len(graph.nodes)
     last = {v: i for i, node in enumerate(graph.nodes) for v in node.inputs}
     for v in graph.output_ids:
@@ -97,7 +111,7 @@ def find_units(graph: Graph, plan: Plan, granularity: Literal["block", "sub_bloc
     """
     producers = graph.producers()
     dep = _input_dependent(graph)
-    counts = _live_counts(graph, dep, producers)
+    counts = _live_counts(graph, dep - _side_inputs(graph, dep, producers, plan), producers)
     weight_nodes = sorted(w.node for w in plan.weights)
     n = len(graph.nodes)
     if not weight_nodes:
