@@ -48,6 +48,8 @@ def test_one_block_per_layer_and_two_sub_blocks_each():
     plan = analyze(graph)
     assert len(find_units(graph, plan, "block")) == 3  # the head joins the last block
     assert len(find_units(graph, plan, "sub_block")) == 7  # attention, MLP per layer; head
+    assert plan.blocks == find_units(graph, plan, "block") and len(plan.sub_blocks) == 7
+    assert "reconstruction unit block 2: nodes" in str(plan) and "(3 sub-blocks)" in str(plan)
 
 
 def test_a_mask_every_block_reads_does_not_hide_the_block_boundaries():

@@ -49,6 +49,7 @@ from repquant_jax._src.site_records import (
 )
 from repquant_jax._src.softmax_finder import find_softmaxes, softmax_source
 from repquant_jax._src.types import MATMUL_PRIMITIVES, NodeId, ValueId
+from repquant_jax._src.units import Unit, find_units
 
 __all__ = [
     "WeightSite",
@@ -64,7 +65,11 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
-    """Everything the analysis found in one traced function."""
+    """Everything the analysis found in one traced function.
+
+    ``blocks`` and ``sub_blocks`` are the reconstruction units (`units.find_units`):
+    contiguous node ranges between two values of the residual stream.
+    """
 
     weights: tuple[WeightSite, ...]
     matmuls: tuple[ActivationMatmul, ...]
@@ -72,6 +77,8 @@ class Plan:
     softmaxes: tuple[Softmax, ...]
     groups: tuple[FoldGroup, ...]
     notes: tuple[str, ...] = ()
+    blocks: tuple[Unit, ...] = ()
+    sub_blocks: tuple[Unit, ...] = ()
 
     def point(self, name: str) -> ActivationPoint:
         """The activation point called ``name``."""
@@ -123,7 +130,11 @@ class Plan:
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         counts = ", ".join(f"{k}={v}" for k, v in self.summary().items())
-        return "\n".join(lines + [counts] + [f"note: {n}" for n in self.notes])
+        units = [
+            f"reconstruction unit {u} ({sum(u.start <= v.start < u.stop for v in self.sub_blocks)} sub-blocks)"
+            for u in self.blocks
+        ]
+        return "\n".join(lines + [counts] + units + [f"note: {n}" for n in self.notes])
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -167,9 +178,11 @@ class _Analysis:
             dataclasses.replace(p, source="norm", fold_group=group_of[p.name]) if p.name in group_of else p
             for p in points
         ]
-        return Plan(
+        plan = Plan(
             tuple(weights), tuple(act_matmuls), tuple(points), tuple(softmaxes), tuple(groups), tuple(self.notes)
         )
+        blocks, sub_blocks = find_units(self.g, plan, "block"), find_units(self.g, plan, "sub_block")
+        return dataclasses.replace(plan, blocks=blocks, sub_blocks=sub_blocks)
 
     # -- matmul sites ------------------------------------------------------------------
     def _find_matmuls(self) -> tuple[list[WeightSite], list[ActivationMatmul]]:

@@ -14,16 +14,29 @@ attention) and takes the sub-blocks after it (its MLP, a final head).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 
 from repquant_jax._src.graph import Graph
-from repquant_jax._src.sites import Plan
+from repquant_jax._src.site_records import ActivationMatmul, ActivationPoint, Softmax, WeightSite
 from repquant_jax._src.types import ValueId
 
 __all__ = ["Unit", "find_units"]
+
+
+class Sites(Protocol):
+    """The sites a unit search reads (a `repquant_jax._src.sites.Plan` has them)."""
+
+    @property
+    def weights(self) -> Sequence[WeightSite]: ...
+    @property
+    def matmuls(self) -> Sequence[ActivationMatmul]: ...
+    @property
+    def points(self) -> Sequence[ActivationPoint]: ...
+    @property
+    def softmaxes(self) -> Sequence[Softmax]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +72,7 @@ def _input_dependent(graph: Graph) -> set[ValueId]:
     return dep
 
 
-def _side_inputs(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int], plan: Plan) -> set[ValueId]:
+def _side_inputs(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int], plan: Sites) -> set[ValueId]:
     """Input-dependent values made before the first weight matmul and read after the
     second softmax (see the module docstring); none with fewer than two softmaxes."""
     softmax_nodes = sorted(s.node for s in plan.softmaxes)
@@ -98,7 +111,7 @@ def _boundary(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int],
     return tuple(inputs), tuple(outputs)
 
 
-def find_units(graph: Graph, plan: Plan, granularity: Literal["block", "sub_block"] = "block") -> tuple[Unit, ...]:
+def find_units(graph: Graph, plan: Sites, granularity: Literal["block", "sub_block"] = "block") -> tuple[Unit, ...]:
     """The graph's reconstruction units, in forward order, covering every node.
 
     Args:
