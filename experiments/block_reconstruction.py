@@ -2,8 +2,9 @@
 
 Rows: repq_vit, repquant with its default layer-wise reconstruction, and repquant with
 block-wise reconstruction (`Reconstruction(granularity="block")`, with and without
-QDrop). Cells: the model's metric as mean ± std over calibration draws (the models and
-metrics of `ptq_table.py`: ViT top-1, tiny LLaMA perplexity per byte, MiniLM Spearman),
+QDrop) and with the whole model as one unit (`granularity="model"`). Cells: the model's
+metric as mean ± std over calibration draws (the models and metrics of `ptq_table.py`:
+ViT top-1, tiny LLaMA perplexity per byte, MiniLM cosine to the float embeddings),
 the gap closure (method − repq_vit) / (float − repq_vit), the median transform time, and
 how many blocks kept what they learned per draw. Writes
 experiments/results/block_reconstruction.md.
@@ -32,6 +33,9 @@ VARIANTS = {
     "repquant, block-wise": lambda b: P.repquant(b, b, reconstruction=repquant.Reconstruction(granularity="block")),
     "repquant, block-wise + QDrop 0.5": lambda b: P.repquant(
         b, b, reconstruction=repquant.Reconstruction(granularity="block", qdrop=0.5)
+    ),
+    "repquant, whole model as one unit": lambda b: P.repquant(
+        b, b, reconstruction=repquant.Reconstruction(granularity="model")
     ),
 }
 

@@ -15,7 +15,7 @@ Example:
 
 from repquant_jax._src import presets
 from repquant_jax._src.adapters import from_nnx
-from repquant_jax._src.config import DualClipping, QuantConfig, Reconstruction, Rule
+from repquant_jax._src.config import GPTQ, DualClipping, QuantConfig, Reconstruction, Rule
 from repquant_jax._src.export import Exported, export, integer_apply, matmul_modes
 from repquant_jax._src.graph import UnsupportedGraphError
 from repquant_jax._src.inspect import inspect
@@ -43,6 +43,7 @@ __all__ = [
     "QuantConfig",
     "Rule",
     "DualClipping",
+    "GPTQ",
     "Reconstruction",
     # results
     "QParams",

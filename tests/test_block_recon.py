@@ -75,7 +75,7 @@ def test_a_mask_every_block_reads_does_not_hide_the_block_boundaries():
 
 
 def _block_config(**kw):
-    return repquant.presets.repquant(4, 4, reconstruction=repquant.Reconstruction(granularity="block", **kw))
+    return repquant.presets.repquant(4, 4, reconstruction=repquant.Reconstruction(**{"granularity": "block", **kw}))
 
 
 def test_blocks_are_never_kept_worse_on_held_out_samples():
@@ -92,6 +92,17 @@ def test_blocks_are_never_kept_worse_on_held_out_samples():
     out = qa(q, x)
     assert np.isfinite(np.asarray(out)).all()
     assert out.shape == apply_fn(params, x).shape
+
+
+def test_the_whole_model_as_one_unit_matches_its_outputs():
+    apply_fn, params, x = _deep_plain(2)
+    graph = trace(apply_fn, params, x)
+    (unit,) = find_units(graph, analyze(graph), "model")
+    assert (unit.start, unit.stop) == (0, len(graph.nodes)) and unit.outputs == tuple(graph.output_ids)
+    q, qa = repquant.transform(apply_fn, params, [x], _block_config(granularity="model", steps=30, eval_every=10))
+    (line,) = [n for n in qa.report.notes if n.startswith("reconstruction ")]
+    assert line.startswith("reconstruction model 0:")
+    assert np.isfinite(np.asarray(qa(q, x))).all()
 
 
 def test_identical_blocks_share_one_compiled_training_loop():

@@ -13,6 +13,7 @@ from repquant_jax._src import calibration as cal
 from repquant_jax._src import quantizers as qz
 
 PERCENTILES = cal.DEFAULT_PERCENTILES
+LOG_PERCENTILES = cal.LOG_PERCENTILES
 
 
 # ----------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def ref_search_uniform(x, bits, axis=None, percentiles=PERCENTILES, symmetric=Fa
     return np.array(scales), np.array(zero_points)
 
 
-def ref_search_log(x, bits, percentiles=PERCENTILES, kind="log_sqrt2"):
+def ref_search_log(x, bits, percentiles=LOG_PERCENTILES, kind="log_sqrt2"):
     x = np.asarray(x, np.float64).ravel()
     k = 2.0 if kind == "log_sqrt2" else 1.0
     zero_code = 2**bits - 1

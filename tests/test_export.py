@@ -154,20 +154,53 @@ def test_mixed_rules_storage_and_modes():
     assert _rel(rqe.integer_apply(exported, *m.inputs), qapply(qparams, *m.inputs)) < 1e-4
 
 
-@pytest.mark.parametrize("kind,bits,length", [("log_sqrt2", 8, 197), ("log2", 4, 20)])
-def test_log2_shift_add_matches_float_reference(kind, bits, length):
-    key = jax.random.key(bits + length)
+def _log_qp(kind: str, scale: float, bits: int, root: int | None = None) -> qz.QuantParams:
+    if kind == "log_root":
+        return qz.log_root(scale, bits, root)
+    return (qz.log_sqrt2 if kind == "log_sqrt2" else qz.log2)(scale, bits)
+
+
+# (kind, root, bits, tokens, which operand of the dot_general attn is)
+LOG_CASES = [
+    ("log_sqrt2", None, 8, 197, 0),
+    ("log2", None, 4, 20, 0),
+    *[("log_root", k, 8, 197, 0) for k in (1, 2, 3, 4)],
+    ("log_root", 3, 4, 20, 1),
+    ("log_root", 6, 6, 33, 1),
+]
+
+
+@pytest.mark.parametrize("form", ["pow2", "int8_windows"])
+@pytest.mark.parametrize("kind,root,bits,length,log_side", LOG_CASES)
+def test_log2_shift_add_matches_float_reference(kind, root, bits, length, log_side, form):
+    key = jax.random.key(bits + length + (root or 0))
     attn = jax.nn.softmax(3.0 * jax.random.normal(key, (2, 3, 5, length)), axis=-1)
     v = jax.random.normal(jax.random.fold_in(key, 1), (2, 3, length, 16))
-    qa = (qz.log_sqrt2 if kind == "log_sqrt2" else qz.log2)(float(attn.max()), bits)
+    qa = _log_qp(kind, float(attn.max()), bits, root)
     qv = qz.uniform(float(v.max() - v.min()) / 255.0, 131.0, 8)
     a_codes = rqe._to_codes(attn, qa)
     v_codes = rqe._to_codes(v, qv)
     assert a_codes.dtype == jnp.uint8 and v_codes.dtype == jnp.int8
-    log_matmul = jax.jit(rqe._log_matmul, static_argnums=(4, 5))
-    out = log_matmul(a_codes, qa, v_codes, qv, 0, (((3,), (2,)), ((0, 1), (0, 1))))
+    log_matmul = jax.jit(rqe._LOG_MATMULS[form], static_argnums=(4, 5))
+    if log_side == 0:  # attn (b, h, i, j) · V (b, h, j, d)
+        out = log_matmul(a_codes, qa, v_codes, qv, 0, (((3,), (2,)), ((0, 1), (0, 1))))
+    else:  # V as lhs, as Flax lowers attn·V: out (b, h, d, i)
+        out = jnp.swapaxes(log_matmul(a_codes, qa, v_codes, qv, 1, (((2,), (3,)), ((0, 1), (0, 1)))), -1, -2)
     ref = jnp.einsum("bhij,bhjd->bhid", qz.fake_quant(attn, qa), qz.fake_quant(v, qv), precision="highest")
-    assert _rel(out, ref) < 1e-6  # (the zoo models cover V as lhs, how Flax lowers attn·V)
+    assert _rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("root", [1, 2, 3, 4])
+@pytest.mark.parametrize("form", ["pow2", "int8_windows"])
+def test_integer_apply_log_root_attn_v_matches_fake_quant(root, form):
+    m = zoo.linen_vit_block(batch=4, seq=8)
+    config = P.repq_vit(8, 8, softmax_quantizer="log_root", softmax_log_root=root)
+    qparams, qapply = repquant.transform(m.apply_fn, m.params, [m.inputs], config, verbose=False)
+    # (roots 1 and 2 are stored as the kinds log2 and log_sqrt2)
+    assert {qz.log_root_of(qp) for qp in qparams.activations.values() if qp.kind.startswith("log")} == {root}
+    exported = rqe.export(qparams, qapply, *m.inputs, log_matmul=form)
+    assert list(rqe.matmul_modes(exported, *m.inputs).values()).count("log2_shift_add") == 1
+    assert _rel(rqe.integer_apply(exported, *m.inputs), qapply(qparams, *m.inputs)) < 1e-5
 
 
 CUSTOM_CALL = r"custom_call @(\w+)"
@@ -187,10 +220,14 @@ def test_lowered_programs_have_no_callbacks_or_custom_calls():
     for what, text in texts.items():
         assert "callback" not in text, what  # host_callback, pure_callback, io_callback, ...
         assert "custom_call" not in text, (what, set(re.findall(CUSTOM_CALL, text)))
-    # the weight and q·kᵀ matmuls really are int8 x int8 -> int32
+    # the weight and q·kᵀ matmuls really are int8 x int8 -> int32; the one float dot is
+    # attn·V's fast form (exact powers of two times V's integer codes), absent with the
+    # int8 windows form
     int_dots = re.findall(r"stablehlo.dot_general.*xi8>, tensor<.*xi8>\) -> tensor<.*xi32>", texts["integer_apply"])
     float_dots = re.findall(r"stablehlo.dot_general.*xf32>\) -> tensor<.*xf32>", texts["integer_apply"])
-    assert len(int_dots) >= 7 and not float_dots
+    assert len(int_dots) >= 7 and len(float_dots) == 1
+    windows = _lowered_text(rqe.integer_apply, exported.replace(log_matmul="int8_windows"), *m.inputs)
+    assert not re.findall(r"stablehlo.dot_general.*xf32>\) -> tensor<.*xf32>", windows)
 
 
 def test_vit_w4_exported_bytes_at_most_0_15_of_float():
@@ -246,4 +283,6 @@ def test_pytree_and_errors():
         rqe.integer_apply(qparams, *m.inputs)
     with pytest.raises(ValueError, match="int4"):
         rqe.export(qparams, qapply, *m.inputs, int4="bytes")
+    with pytest.raises(ValueError, match="log_matmul"):
+        rqe.export(qparams, qapply, *m.inputs, log_matmul="shifts")
     assert math.isclose(rqe.bytes_report(exported).ratio, rqe.nbytes(exported) / rqe.nbytes(qparams.params))

@@ -88,7 +88,8 @@ def test_float_mean_zero_point_mode_is_close_but_not_exact():
 
 def test_log_sqrt2_fake_quant_equals_two_accumulator_shift_add_on_real_attention():
     model = zoo.linen_vit_block(batch=4, seq=8)
-    qparams, qapply = repquant.transform(model.apply_fn, model.params, _calib(model), P.repq_vit(4, 4), verbose=False)
+    config = P.repq_vit(4, 4, softmax_quantizer="log_sqrt2")  # (the preset's default root at 4 bits is 3)
+    qparams, qapply = repquant.transform(model.apply_fn, model.params, _calib(model), config, verbose=False)
     plan = qapply.report
     name = next(s.name for s in plan.sites if s.role == "activation/softmax")
     qp_attn = qparams.activations[name]

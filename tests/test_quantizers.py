@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -476,3 +477,146 @@ def test_bad_shapes_and_kinds():
             op(jnp.ones(3), bad_kind)
     with pytest.raises(ValueError, match="unknown quantizer kind"):
         qz.code_range(bad_kind)
+
+
+# ----------------------------------------------------------------------------
+# Log quantizers of base 2^(1/k) ("log_root"), docs/method.md "Softmax".
+
+
+@pytest.mark.parametrize("root", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_log_root_codes_and_levels(root, bits):
+    scale = 0.8
+    qp = qz.log_root(scale, bits, root)
+    assert (qp.kind, qp.root, qz.log_root_of(qp), qz.code_range(qp)) == ("log_root", root, root, (0, 2**bits - 1))
+    x = np.concatenate([np.geomspace(1e-6, 1.2, 3001), [0.0, 2.0]]).astype(np.float32)
+    codes = np.asarray(qz.quantize(x, qp))
+    zero = 2**bits - 1
+    # q = clip(round(-k·log2(x/s)), 0, ...), with the top code for 0 and underflow
+    want = np.maximum(np.round(-root * np.log2(x[:-2].astype(np.float64) / scale)), 0)
+    want = np.where(want < zero, want, zero)
+    near_tie = np.abs(-root * np.log2(x[:-2] / scale) % 1 - 0.5) < 1e-3  # float32 vs float64 log2
+    np.testing.assert_array_equal(codes[:-2][~near_tie], want[~near_tie])
+    assert codes[-2] == zero and codes[-1] == 0
+    # levels s·2^(-q/k), the zero code exactly 0
+    levels = np.arange(2**bits)
+    values = np.asarray(qz.dequantize(levels, qp), np.float64)
+    expected = scale * 2.0 ** (-levels[:-1] / root)
+    normal = expected >= np.finfo(np.float32).tiny  # levels below float32's normal range are 0
+    np.testing.assert_allclose(values[:-1][normal], expected[normal], rtol=2e-7)
+    assert values[-1] == 0.0 and np.all(values[:-1][~normal] == 0.0)
+    # monotone: codes non-increasing and values non-decreasing in x
+    order = np.argsort(x)
+    assert np.all(np.diff(codes[order][codes[order] != zero]) <= 0)
+    assert np.all(np.diff(np.asarray(qz.fake_quant(x[order], qp))) >= 0)
+    # codes round-trip through their levels
+    normal = values[:-1] >= np.finfo(np.float32).tiny
+    np.testing.assert_array_equal(np.asarray(qz.quantize(values[:-1][normal], qp)), levels[:-1][normal])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8, 16])
+def test_log_root_2_is_log_sqrt2_and_1_is_log2_bit_for_bit(bits):
+    rng = np.random.default_rng(bits)
+    x = np.concatenate([rng.random(4000) ** 12, np.zeros(5), rng.random(5) + 1]).astype(np.float32)
+    for old, root in ((qz.log_sqrt2, 2), (qz.log2, 1)):
+        a, b = old(0.7, bits), qz.log_root(0.7, bits, root)
+        np.testing.assert_array_equal(qz.quantize(x, a), qz.quantize(x, b))
+        np.testing.assert_array_equal(qz.fake_quant(x, a), qz.fake_quant(x, b))
+        codes = np.arange(2**bits)
+        np.testing.assert_array_equal(qz.dequantize(codes, a), qz.dequantize(codes, b))
+        np.testing.assert_array_equal(jax.grad(lambda v, q=b: qz.fake_quant(v, q).sum())(x), np.ones_like(x))
+
+
+def test_log_root_resolution_grows_with_k():
+    # on softmax-like values the error falls with k while the range still covers them
+    x = _attention(np.random.default_rng(0), (4,), 16, 16).reshape(-1)
+    errors = [float(np.mean((np.asarray(qz.fake_quant(x, qz.log_root(1.0, 8, k))) - x) ** 2)) for k in (1, 2, 4, 8)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_log_root_to_log2_terms():
+    for root in (1, 2, 3, 5):
+        codes = np.arange(60)
+        e, j = qz.log_root_to_log2_terms(codes, root)
+        np.testing.assert_array_equal(e, np.ceil(codes / root))
+        assert np.all((0 <= np.asarray(j)) & (np.asarray(j) < root))
+        c = np.asarray(qz.log_root_multipliers(root), np.float64)
+        assert c[0] == 1.0 and np.all((1 <= c) & (c < 2))
+        np.testing.assert_allclose(
+            2.0 ** -np.asarray(e, np.float64) * c[np.asarray(j)], 2.0 ** (-codes / root), rtol=1e-7
+        )
+    e2, odd = qz.log_sqrt2_to_log2_terms(np.arange(9))
+    np.testing.assert_array_equal(
+        (np.asarray(e2), np.asarray(odd)),
+        (np.asarray(qz.log_root_to_log2_terms(np.arange(9), 2)[0]), np.arange(9) % 2 == 1),
+    )
+
+
+@pytest.mark.parametrize("root", [1, 2, 3, 4])
+def test_log_root_matmul_shift_add_matches_fake_quant(root):
+    rng = np.random.default_rng(root)
+    attn = _attention(rng, (2, 3), 5, 9)
+    v = rng.standard_normal((2, 3, 9, 4)).astype(np.float32)
+    qa, qv = qz.log_root(float(attn.max()), 8, root), qz.uniform(0.05, 7.0, bits=8)
+    got = np.asarray(qz.log_root_matmul_shift_add(qz.quantize(attn, qa), qa, qz.quantize(v, qv), qv))
+    want = np.einsum(
+        "...ij,...jd->...id",
+        np.asarray(qz.fake_quant(attn, qa), np.float64),
+        np.asarray(qz.fake_quant(v, qv), np.float64),
+    )
+    assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+
+
+def test_log_root_validation():
+    for root in (0, -1, qz.MAX_ROOT + 1, True, 2.0, None):
+        with pytest.raises(ValueError, match="root must be an int"):
+            qz.log_root(1.0, 4, root)
+    with pytest.raises(ValueError, match="only 'log_root' quantizers have a root"):
+        qz.quantize(jnp.ones(3), qz.log_sqrt2(1.0, 4).replace(root=3))
+    with pytest.raises(ValueError, match="root must be an int"):
+        qz.quantize(jnp.ones(3), qz.log_root(1.0, 4, 3).replace(root=None))
+    with pytest.raises(ValueError, match="not a log quantizer"):
+        qz.log_root_of(qz.uniform(1.0, 0.0, 4))
+
+
+def test_default_log_root_per_bits():
+    roots = [qz.default_log_root(b) for b in range(2, 17)]
+    assert all(1 <= r <= qz.MAX_ROOT for r in roots) and roots == sorted(roots)
+    # the range 2^-((2^b - 2)/k) of the default stays wide enough for softmax tails
+    assert all((2**b - 2) / r >= 4 for b, r in zip(range(4, 17), roots[2:]))
+    assert (qz.default_log_root(4), qz.default_log_root(6), qz.default_log_root(8)) == (2, 8, 12)  # measured
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8, 16])
+def test_presets_resolve_the_softmax_root_from_the_bits(bits):
+    import flax.linen as nn
+
+    import repquant_jax as repquant
+    from repquant_jax._src import inspect as rq_inspect
+    from repquant_jax._src import presets
+    from repquant_jax._src.specs import resolve_specs
+
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q, k, v = (nn.Dense(8, name=n)(x) for n in "qkv")
+            return nn.softmax(q @ k.swapaxes(-1, -2), axis=-1) @ v
+
+    x = jnp.ones((2, 4, 8))
+    model = Attn()
+    params = model.init(jax.random.key(0), x)
+    plan = rq_inspect.inspect(lambda p, x: model.apply(p, x), params, x)
+    (softmax,) = [p.name for p in plan.points if p.source == "softmax"]
+    # roots 1 and 2 are named by their kinds, log2 and log√2
+    kinds = {1: ("log2", None), 2: ("log_sqrt2", None)}
+    root = qz.default_log_root(bits)
+    for preset in (presets.repq_vit, presets.repquant):
+        spec = resolve_specs(plan, preset(bits, bits))[softmax]
+        assert (spec.kind, spec.log_root) == kinds.get(root, ("log_root", root))
+        three = resolve_specs(plan, preset(bits, bits, softmax_log_root=3))[softmax]
+        assert (three.kind, three.log_root) == ("log_root", 3)
+        old = resolve_specs(plan, preset(bits, bits, softmax_quantizer="log_sqrt2"))[softmax]
+        assert (old.kind, old.log_root) == ("log_sqrt2", None)
+        # a rule's bits choose the root
+        rule = repquant.Rule(pattern=f"^{re.escape(softmax)}$", bits=16)
+        assert resolve_specs(plan, preset(bits, bits, rules=(rule,)))[softmax].log_root == qz.default_log_root(16)

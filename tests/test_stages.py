@@ -12,7 +12,9 @@ import pytest
 import zoo
 
 import repquant_jax as repquant
+from repquant_jax._src import quantizers as qz
 from repquant_jax._src import stages
+from repquant_jax._src.fold import weight_matrix
 from repquant_jax._src.interpret import Hooks, evaluate_batches
 from repquant_jax._src.specs import calibration_rows, resolve_specs
 from repquant_jax._src.state import QuantState
@@ -130,6 +132,23 @@ def test_refit_recalibrates_exactly_the_rescaled_kernels(vit):
 def test_reconstruct_is_a_no_op_without_reconstruction(vit):
     traced, state = _calibrated(vit, P.repq_vit(4, 4))
     assert stages.reconstruct(traced, state, P.repq_vit(4, 4), _quiet) is state
+
+
+def test_round_weights_keeps_the_leaves_float_and_reconstruct_stores_the_codes(vit):
+    config = P.repq_vit(4, 4, weight_rounding="gptq")
+    traced, state = _calibrated(vit, config)
+    state = stages.refit_folded_weights(traced, stages.fold_norms(traced, state, config, _quiet), config)
+    rounded = stages.round_weights(traced, state, config, _quiet)
+    assert rounded.leaves is state.leaves  # the codes wait beside the float weights
+    assert set(rounded.rounding) == {w.name for w in traced.plan.weights}
+    assert all(n.startswith("GPTQ rounding") for n in rounded.rounding_notes.values())
+    stored = stages.reconstruct(traced, state, config, _quiet)
+    for w in traced.plan.weights:
+        qp = stored.weights[w.name]
+        view = stored.qparams(traced).params
+        leaf = np.asarray(jax.tree_util.tree_leaves(view)[w.param_index]).reshape(-1)[w.kernel_index]
+        matrix = np.asarray(weight_matrix(leaf, w.contracting))
+        np.testing.assert_array_equal(np.asarray(qz.quantize(matrix, qp)), np.asarray(rounded.rounding[w.name]))
 
 
 def test_report_has_a_row_per_site_and_the_fold_outcomes(vit):

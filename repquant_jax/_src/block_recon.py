@@ -1,6 +1,6 @@
 """Block-wise reconstruction (RepQuant's learned step, BRECQ/QDrop-style).
 
-Per reconstruction unit (`units.find_units`: by default one transformer block), in
+Per reconstruction unit (`Plan.blocks`, `Plan.sub_blocks`, or the whole graph), in
 forward order, with inputs from the already-quantized model and targets from the folded
 float model, learn jointly
 
@@ -35,6 +35,7 @@ import optax
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.config import Reconstruction
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
+from repquant_jax._src.gptq import soft_start, start_rounding
 from repquant_jax._src.graph import Graph
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, offset_rewrite, point_hook
 from repquant_jax._src.interpret import Hooks, evaluate_range, shared_values
@@ -54,8 +55,9 @@ class UnitResult:
 
     Attributes:
       unit: the unit.
-      train_before, train_after: output MSE on the training samples with nearest
-        rounding and initial scales, and with what was learned.
+      train_before, train_after: output MSE on the training samples with the starting
+        rounding (nearest, or GPTQ's codes with ``weight_rounding="gptq"``) and initial
+        scales, and with what was learned.
       held_before, held_after: the same on the held-out samples (None without them).
       kept: whether the learned rounding and scales were kept.
     """
@@ -131,13 +133,15 @@ def _program(graph: Graph, unit: Unit, shared, points, learned_points, weights, 
     return _Program(graph, unit, shared, points, learned_points, weights, learned_weights, offsets, signature)
 
 
-def _rounded(operand, qp: qz.QuantParams, contracting, rounding):
-    """The weight operand on its grid with per-weight rounding offsets in [0, 1]."""
+def _rounded(operand, qp: qz.QuantParams, contracting, rounding, base=None):
+    """The weight operand on its grid with per-weight rounding offsets in [0, 1] above
+    ``base`` (default: the floor of the weight in units of the scale)."""
     matrix = weight_matrix(operand, contracting)
     qmin, qmax = qz.code_range(qp)
     s = jnp.asarray(qp.scale, matrix.dtype)
     z = jnp.asarray(qp.zero_point, matrix.dtype)
-    q = (jnp.clip(jnp.floor(matrix / s) + rounding + z, qmin, qmax) - z) * s
+    base = jnp.floor(matrix / s) if base is None else base.astype(matrix.dtype)
+    q = (jnp.clip(base + rounding + z, qmin, qmax) - z) * s
     return weight_from_matrix(q, operand.shape, contracting)
 
 
@@ -156,8 +160,9 @@ def _nearest(operand, qp, contracting):
 
 def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hooks:
     """The unit's hooks from ``data``: ``mode`` ``"soft"`` (training), ``"hard"``
-    (learned, rounded), ``"nearest"`` (before learning) or ``"float"`` (the folded float
-    model: input affines and output offsets only)."""
+    (learned, rounded), ``"nearest"`` (before learning: the starting rounding, nearest
+    or GPTQ's) or ``"float"`` (the folded float model: input affines and output offsets
+    only)."""
     values, operands, rewrites = {}, {}, {}
     scale_index = 0
     for k, vid in enumerate(program.points):
@@ -173,14 +178,17 @@ def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hook
         )
     rounding_index = 0
     for k, (node, operand, contracting) in enumerate(program.weights):
-        rounding = None
+        rounding, base = None, None
         if program.learned_weights[k]:
+            base, start = data["starts"][rounding_index]
             if mode in ("soft", "hard"):
                 h = adaround_h(learn["rounding"][rounding_index])
                 rounding = h if mode == "soft" else (h >= 0.5).astype(jnp.float32)
+            else:
+                rounding = start
             rounding_index += 1
         if mode != "float":
-            operands[node] = functools.partial(_weight, data["weights"][k], operand, contracting, rounding)
+            operands[node] = functools.partial(_weight, data["weights"][k], operand, contracting, rounding, base)
     for k, vid in enumerate(program.offsets):
         rewrites[vid] = offset_rewrite(data["offsets"][k])
     return Hooks(values=values, rewrites=rewrites, operands=operands)
@@ -196,13 +204,13 @@ def _point(qp, scale, offset, drop: float, key, values):
     return [jnp.where(jax.random.bernoulli(key, drop, v.shape), v, q) for v, q in zip(shifted, quantized)]
 
 
-def _weight(qp, operand: int, contracting, rounding, args):
+def _weight(qp, operand: int, contracting, rounding, base, args):
     w = args[0][operand]
     if rounding is None and qp.kind not in ("uniform", "symmetric"):
         new = fake_quant_weight(w, qp, contracting)
     else:
         r = _nearest(w, qp, contracting) if rounding is None else rounding.astype(w.dtype)
-        new = _rounded(w, qp, contracting, r)
+        new = _rounded(w, qp, contracting, r, base)
     return [[new if i == operand else x for i, x in enumerate(a)] for a in args]
 
 
@@ -303,6 +311,7 @@ def reconstruct_blocks(
     config: Reconstruction,
     seed: int,
     progress: Callable[..., None],
+    start: Mapping[str, jax.Array] | None = None,
 ) -> tuple[QParams, tuple[UnitResult, ...]]:
     """Reconstructs every unit in forward order (see the module docstring).
 
@@ -313,12 +322,18 @@ def reconstruct_blocks(
       config: the reconstruction settings.
       seed: for the held-out split and QDrop.
       progress: reports each unit.
+      start: weight site -> integer codes its rounding starts from (GPTQ's), for some
+        sites; the others start from nearest rounding. A unit that keeps nothing it
+        learned keeps these codes.
 
     Returns:
       ``(qparams, results)``: weights on their learned grids, learned activation
       scales, and one `UnitResult` per unit.
     """
-    units = find_units(graph, plan, "sub_block" if config.granularity == "sub_block" else "block")
+    if config.granularity == "model":
+        units = find_units(graph, plan, "model")
+    else:
+        units = plan.sub_blocks if config.granularity == "sub_block" else plan.blocks
     shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
     float_env = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
     quant_env = dict(float_env)
@@ -327,17 +342,19 @@ def reconstruct_blocks(
     results = []
     key = jax.random.key(seed)
     for i, unit in enumerate(units):
-        program, data, learned_w, learned_s = _unit_program(graph, plan, unit, qparams, shared)
+        program, data, learned_w, learned_s = _unit_program(graph, plan, unit, qparams, shared, start or {})
         f_inputs = [float_env[v] for v in unit.inputs]
         q_inputs = [quant_env[v] for v in unit.inputs]
         k_eval, k_train, key = jax.random.split(key, 3)
         targets = _evaluate(program, "float", None, data, f_inputs, k_eval)
         learn = {
             "rounding": [
-                _init_rounding(
-                    shared[graph.nodes[w.node].inputs[w.weight_operand]], qparams.weights[w.name], w.contracting
+                adaround_logits(soft_start(weight_matrix(operand, w.contracting), qp, base, h0))
+                if w.name in (start or {})
+                else _init_rounding(operand, qp, w.contracting)
+                for w, (operand, qp), (base, h0) in zip(
+                    learned_w, _learned_operands(graph, learned_w, shared, qparams), data["starts"]
                 )
-                for w in learned_w
             ],
             "log_scale": [jnp.zeros((), jnp.float32) for _ in learned_s],
         }
@@ -359,11 +376,16 @@ def reconstruct_blocks(
         )
         results.append(result)
         progress(f"reconstructed {result}", i + 1, len(units))
-        if result.kept:
-            for k, w in enumerate(learned_w):
-                operand = shared[graph.nodes[w.node].inputs[w.weight_operand]]
+        for k, (w, (operand, qp)) in enumerate(zip(learned_w, _learned_operands(graph, learned_w, shared, qparams))):
+            base, h0 = data["starts"][k]
+            if result.kept:
                 rounding = (adaround_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
-                updates.append((w, np.asarray(_rounded(operand, qparams.weights[w.name], w.contracting, rounding))))
+            elif w.name in (start or {}):  # the starting codes stay (in float, nearest would)
+                rounding = h0.astype(operand.dtype)
+            else:
+                continue
+            updates.append((w, np.asarray(_rounded(operand, qp, w.contracting, rounding, base))))
+        if result.kept:
             for k, n in enumerate(learned_s):
                 qp = activations[n]
                 activations[n] = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
@@ -394,7 +416,28 @@ def _masked_mean(err, mask) -> float:
     return float((err * mask).sum() / max(float(jnp.sum(mask)), 1.0))
 
 
-def _unit_program(graph: Graph, plan: Plan, unit: Unit, qparams: QParams, shared: Mapping[ValueId, Any]):
+def _learned_operands(graph: Graph, learned_w, shared, qparams: QParams):
+    """``(weight operand, quantizer)`` of each learned weight site."""
+    return [(shared[graph.nodes[w.node].inputs[w.weight_operand]], qparams.weights[w.name]) for w in learned_w]
+
+
+def _start(operand, qp: qz.QuantParams, contracting, codes):
+    """``(base, offset)`` of a learned weight's starting rounding: nearest rounding
+    above the floor, or ``codes`` (`gptq.start_rounding`)."""
+    if codes is None:
+        matrix = weight_matrix(operand, contracting)
+        return jnp.floor(matrix / jnp.asarray(qp.scale, matrix.dtype)), _nearest(operand, qp, contracting)
+    return start_rounding(weight_matrix(jnp.asarray(operand, jnp.float32), contracting), qp, codes)
+
+
+def _unit_program(
+    graph: Graph,
+    plan: Plan,
+    unit: Unit,
+    qparams: QParams,
+    shared: Mapping[ValueId, Any],
+    start: Mapping[str, jax.Array],
+):
     """The unit's program, its data, and the weight sites and points it learns."""
     in_unit = range(unit.start, unit.stop)
     shared_ids = tuple(dict.fromkeys(v for n in in_unit for v in graph.nodes[n].inputs if v in shared))
@@ -442,5 +485,14 @@ def _unit_program(graph: Graph, plan: Plan, unit: Unit, qparams: QParams, shared
         "offsets": [qparams.output_offsets[w.name] for w in offsets],
     }
     learned_w = tuple(w for w in sites if learns_rounding(w))
+    data["starts"] = [
+        _start(
+            shared[graph.nodes[w.node].inputs[w.weight_operand]],
+            qparams.weights[w.name],
+            w.contracting,
+            start.get(w.name),
+        )
+        for w in learned_w
+    ]
     learned_s = tuple(p.name for p in points if learns_scale(p.name))
     return program, data, learned_w, learned_s

@@ -9,6 +9,13 @@ a :class:`~repquant_jax._src.quantizers.QuantParams`:
   ``percentiles``: ``hi = quantile(x, p)``, ``lo = quantile(x, 1-p)``,
   ``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)``; keep the ``p`` with the
   lowest mean squared quantization error, per channel when ``axis`` is given.
+  The default candidates are RepQ-ViT's three percentiles plus ``p = 1``
+  (min-max): without it the search clips every range, even at 16 bits.
+* :func:`candidate_errors` and :func:`fit_candidates`: the same search split
+  in two, so that candidates can be fitted on some values and judged on others
+  (held-out calibration samples, `repquant_jax._src.fit`). A candidate is a
+  :class:`Candidate`: a percentile range, optionally widened by a factor, which
+  only a judgement on other values can prefer.
 * :func:`search_log_sqrt2`: candidate ``s = quantile(x, p)`` for a log√2 (or
   log2) quantizer, lowest error wins.
 
@@ -61,6 +68,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +80,12 @@ from repquant_jax._src.types import code_range
 
 __all__ = [
     "DEFAULT_PERCENTILES",
+    "LOG_PERCENTILES",
     "MIN_RANGE",
+    "Candidate",
+    "candidate_errors",
+    "candidates",
+    "fit_candidates",
     "minmax",
     "percentile",
     "quantization_mse",
@@ -80,8 +93,11 @@ __all__ = [
     "search_uniform",
 ]
 
-#: The RepQ-ViT candidate percentiles (docs/method.md, "Calibration").
-DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+#: The RepQ-ViT candidate percentiles of the log√2 search (docs/method.md, "Calibration").
+LOG_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+#: The uniform search's candidate percentiles: RepQ-ViT's, and 1 (the min-max range),
+#: without which every range is clipped, even at 16 bits.
+DEFAULT_PERCENTILES: tuple[float, ...] = (*LOG_PERCENTILES, 1.0)
 #: Smallest range a uniform quantizer is fitted to (see the module docstring).
 MIN_RANGE = 1e-8
 # Largest |zero point| before a range counts as degenerate (float32 codes stay exact).
@@ -290,12 +306,12 @@ def _uniform_mse_table(x2d, scale, zero_point, qmin: int, qmax: int) -> jax.Arra
     return jax.vmap(mse)(jnp.asarray(scale), jnp.asarray(zero_point))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "sqrt2"))
-def _log_mse_table(x: jax.Array, scales, bits: int, sqrt2: bool) -> jax.Array:
-    """``(P,)`` MSE of the log quantizer for ``P`` candidate scales."""
+@functools.partial(jax.jit, static_argnames=("bits", "root"))
+def _log_mse_table(x: jax.Array, scales, bits: int, root: int) -> jax.Array:
+    """``(P,)`` MSE of the log quantizer of root ``k`` for ``P`` candidate scales."""
 
     def mse(s):
-        xhat = quantizers._log_values(quantizers._log_codes(x, s, bits, sqrt2), s, bits, sqrt2)
+        xhat = quantizers._log_root_values(quantizers._log_root_codes(x, s, bits, root), s, bits, root)
         return jnp.mean(jnp.square(xhat - x))
 
     return jax.vmap(mse)(jnp.asarray(scales))
@@ -412,23 +428,170 @@ def search_uniform(
         True
     """
     bits = quantizers._check_bits(bits)
-    percentiles = _check_percentiles(percentiles)
+    cands = candidates(_check_percentiles(percentiles))
     x = _check_data(x)
     axis = _check_axis(axis, x.ndim)
     x2d = _channels_first(x, axis)
-    q = _quantiles(x2d, percentiles + tuple(1.0 - p for p in percentiles))
-    n_cand = len(percentiles)
-    scale, zero_point = _range_params(q[n_cand:], q[:n_cand], bits, bool(symmetric))  # (P, C)
+    scale, zero_point = _candidate_params(x2d, cands, bits, bool(symmetric))  # (P, C)
     errors = _uniform_mse_table(x2d, scale, zero_point, *_code_limits(bits, bool(symmetric)))
     scale, zero_point = _pick(scale, errors), _pick(zero_point, errors)
+    return _finish(scale, zero_point, bits, axis, symmetric)
+
+
+class Candidate(NamedTuple):
+    """One candidate range of the uniform search.
+
+    Attributes:
+        percentile: the range is ``[quantile(x, 1-p), quantile(x, p)]`` (1: min-max).
+        expansion: both ends of that range multiplied by this factor (>= 1), so that
+            values a little beyond the observed ones are not clipped. On the values
+            it was fitted to a widened range never has a lower error; it can win only
+            when judged on other values (`candidate_errors` with held-out samples).
+    """
+
+    percentile: float
+    expansion: float = 1.0
+
+
+def candidates(
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES, expansions: Sequence[float] = ()
+) -> tuple[Candidate, ...]:
+    """The percentile ranges, then the min-max range widened by each of ``expansions``.
+
+    Example:
+        >>> candidates((0.999, 1.0), expansions=(2.0,))
+        (Candidate(percentile=0.999, expansion=1.0), Candidate(percentile=1.0, expansion=1.0), \
+Candidate(percentile=1.0, expansion=2.0))
+    """
+    out = tuple(Candidate(p) for p in _check_percentiles(percentiles))
+    for e in expansions:
+        if isinstance(e, bool) or not isinstance(e, (int, float, np.floating)) or not 1.0 <= e <= 1e3:
+            raise ValueError(f"range expansions must be numbers in [1, 1000], got {e!r}")
+        out += (Candidate(1.0, float(e)),)
+    return out
+
+
+def _candidate_params(x2d: jax.Array, cands: Sequence[Candidate], bits: int, symmetric: bool):
+    """``(K, C)`` scales and zero points of the candidate ranges of every channel."""
+    probs = tuple(dict.fromkeys(c.percentile for c in cands))
+    q = _quantiles(x2d, probs + tuple(1.0 - p for p in probs))
+    xp, q = _host(q)
+    his, los = [], []
+    for c in cands:
+        k = probs.index(c.percentile)
+        lo, hi = q[len(probs) + k], q[k]
+        if c.expansion != 1.0:  # one float32 rounding each, the same on host and under jit
+            lo, hi = lo * np.float32(c.expansion), hi * np.float32(c.expansion)
+        los.append(lo)
+        his.append(hi)
+    return _range_params(xp.stack(los), xp.stack(his), bits, symmetric)
+
+
+def candidate_errors(
+    fit,
+    score,
+    bits: int,
+    axis: int | None,
+    cands: Sequence[Candidate],
+    symmetric: bool = False,
+) -> np.ndarray:
+    """Mean squared error on ``score`` of each candidate range fitted to ``fit``.
+
+    With ``fit`` and ``score`` two disjoint parts of the calibration samples, this is
+    the candidates' error on values they did not see: the judgement that makes a range
+    hold on new inputs (a range fitted to few samples is too narrow for the next ones).
+
+    It runs on the host in NumPy (quantiles as ``np.quantile``, the fake quantizer's
+    formula in float32, the errors summed in float64): it only ranks candidates, the
+    chosen one is then fitted by `fit_candidates`, and NumPy compiles nothing for the
+    many shapes the held-out parts have. So it is also the same with and without jit.
+
+    Args:
+        fit: values the candidate ranges are fitted to (concrete).
+        score: values they are judged on (the same size along ``axis``).
+        bits: bit width in 2..16.
+        axis: channel axis to keep (per channel), or ``None`` (per tensor).
+        cands: the candidates (`candidates`).
+        symmetric: symmetric quantizers.
+
+    Returns:
+        ``(K, C)`` float64 errors, ``C = 1`` per tensor.
+
+    Example:
+        >>> x = np.linspace(-1.0, 1.0, 64, dtype=np.float32)
+        >>> errors = candidate_errors(x[::2], x[1::2] * 1.5, 16, None, candidates((1.0,), (2.0,)))
+        >>> [int(i) for i in errors.argmin(axis=0)]  # the wider range holds the new values
+        [1]
+    """
+    bits = quantizers._check_bits(bits)
+    fit2d, score2d = (_host_channels_first(_check_host(v), axis) for v in (fit, score))
+    if fit2d.shape[0] != score2d.shape[0]:
+        raise ValueError(f"fit and score data have {fit2d.shape[0]} and {score2d.shape[0]} channels")
+    probs = tuple(dict.fromkeys(c.percentile for c in cands))
+    q = np.quantile(fit2d, probs + tuple(1.0 - p for p in probs), axis=1).astype(np.float32)  # (2P, C)
+    lo = np.stack([q[len(probs) + probs.index(c.percentile)] * np.float32(c.expansion) for c in cands])
+    hi = np.stack([q[probs.index(c.percentile)] * np.float32(c.expansion) for c in cands])
+    scale, zero_point = _range_params(lo, hi, bits, bool(symmetric))  # (K, C)
+    qmin, qmax = _code_limits(bits, bool(symmetric))
+    errors = np.empty(scale.shape, np.float64)
+    for k in range(len(cands)):
+        s, z = scale[k][:, None], zero_point[k][:, None]
+        xhat = (np.clip(np.round(score2d / s) + z, qmin, qmax) - z) * s
+        errors[k] = np.mean(np.square(xhat - score2d, dtype=np.float64), axis=1)
+    return errors
+
+
+def _check_host(x) -> np.ndarray:
+    host = np.asarray(x, np.float32)
+    _check_not_empty(host)
+    if not np.isfinite(host).all():
+        raise ValueError("calibration data contains NaN or Inf")
+    return host
+
+
+def _host_channels_first(x: np.ndarray, axis: int | None) -> np.ndarray:
+    axis = _check_axis(axis, x.ndim)
+    if axis is None:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def fit_candidates(
+    x, bits: int, axis: int | None, cands: Sequence[Candidate], choice, symmetric: bool = False
+) -> QuantParams:
+    """The quantizer of candidate ``choice[c]`` fitted to ``x``, for every channel ``c``.
+
+    Args:
+        x: observed values.
+        bits: bit width in 2..16.
+        axis: channel axis to keep, or ``None`` (per tensor).
+        cands: the candidates.
+        choice: index into ``cands``: one per channel, or one for all.
+        symmetric: symmetric quantizers.
+
+    Example:
+        >>> x = np.array([[-1.0, 0.5], [2.0, 1.0]], np.float32)
+        >>> fit_candidates(x, 8, None, candidates((1.0,), (2.0,)), 1).scale * 255
+        Array(6., dtype=float32)
+    """
+    bits = quantizers._check_bits(bits)
+    x = _check_data(x)
+    axis = _check_axis(axis, x.ndim)
+    x2d = _channels_first(x, axis)
+    scale, zero_point = _candidate_params(x2d, cands, bits, bool(symmetric))
+    index = np.broadcast_to(np.asarray(choice, np.int64), (x2d.shape[0],))[None]
+    xp, scale, zero_point = _host(scale, zero_point)
+    scale = xp.take_along_axis(scale, index, axis=0)[0]
+    zero_point = xp.take_along_axis(zero_point, index, axis=0)[0]
     return _finish(scale, zero_point, bits, axis, symmetric)
 
 
 def search_log_sqrt2(
     x,
     bits: int,
-    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    percentiles: Sequence[float] = LOG_PERCENTILES,
     kind: str = "log_sqrt2",
+    root: int | None = None,
 ) -> QuantParams:
     """Fits a per-tensor log√2 (or log2) quantizer: ``s = quantile(x, p)``, lowest MSE.
 
@@ -437,7 +600,8 @@ def search_log_sqrt2(
             ``jax.Array`` or NumPy array).
         bits: bit width in 2..16.
         percentiles: candidate percentiles for the scale, each in (0.5, 1].
-        kind: ``"log_sqrt2"`` or ``"log2"``.
+        kind: ``"log_sqrt2"``, ``"log2"`` or ``"log_root"``.
+        root: ``k`` of a ``"log_root"`` quantizer (levels ``2^(-q/k)``).
 
     Returns:
         The fitted per-tensor :class:`QuantParams` of the given kind.
@@ -453,15 +617,20 @@ def search_log_sqrt2(
         ('log_sqrt2', True)
     """
     bits = quantizers._check_bits(bits)
-    if kind not in ("log_sqrt2", "log2"):
-        raise ValueError(f"kind must be 'log_sqrt2' or 'log2', got {kind!r}")
+    if kind not in ("log_sqrt2", "log2", "log_root"):
+        raise ValueError(f"kind must be 'log_sqrt2' or 'log2' (or 'log_root' with a root), got {kind!r}")
+    if (kind == "log_root") != (root is not None):
+        raise ValueError(f"a root is needed for kind 'log_root' and only for it, got kind={kind!r}, root={root!r}")
     percentiles = _check_percentiles(percentiles)
     x = _check_data(x, nonnegative=True)
     flat = x.reshape(1, -1)
     xp, q, xmax = _host(_quantiles(flat, percentiles)[:, 0], jnp.max(x))
     scales = xp.where(q > 0, q, xp.where(xmax > 0, xmax, np.float32(1)))  # (P,)
-    errors = _log_mse_table(flat, scales, bits, kind == "log_sqrt2")
+    k = root if root is not None else (2 if kind == "log_sqrt2" else 1)
+    errors = _log_mse_table(flat, scales, bits, quantizers._check_root(k))
     scale = _pick(scales[:, None], errors[:, None])[0]
+    if kind == "log_root":
+        return quantizers.log_root(scale, bits, k)
     if kind == "log2":
         return quantizers.log2(scale, bits)
     return quantizers.log_sqrt2(scale, bits)

@@ -19,11 +19,13 @@ import dataclasses
 import re
 from typing import Literal
 
-from repquant_jax._src.types import QUANTIZER_KINDS, CalibrationMethod, Granularity, QuantizerKind, Target
+from repquant_jax._src.types import MAX_LOG_ROOT, QUANTIZER_KINDS, CalibrationMethod, Granularity, QuantizerKind, Target
 
-__all__ = ["Rule", "DualClipping", "Reconstruction", "QuantConfig", "SiteSpec"]
+__all__ = ["Rule", "DualClipping", "GPTQ", "Reconstruction", "QuantConfig", "SiteSpec"]
 
 _CALIBRATIONS = ("minmax", "percentile", "search")
+SoftmaxQuantizer = Literal["uniform", "log2", "log_sqrt2", "log_root"]
+_SOFTMAX_QUANTIZERS: tuple[SoftmaxQuantizer, ...] = ("uniform", "log2", "log_sqrt2", "log_root")
 
 
 def _check_bits(name: str, bits: int | None) -> None:
@@ -46,9 +48,9 @@ class Rule:
       target: ``"weight"``, ``"activation"`` or ``"any"``: which sites the rule is for.
       bits: bit-width for the matched sites.
       kind: quantizer kind for the matched sites: ``"uniform"`` or ``"symmetric"``
-        for weights and activations; ``"log2"`` or ``"log_sqrt2"`` for activations in
-        [0, 1] only (softmax outputs): a rule giving a log kind to a weight site is
-        refused.
+        for weights and activations; ``"log2"``, ``"log_sqrt2"`` or ``"log_root"`` (its
+        root from `QuantConfig.softmax_log_root`) for activations in [0, 1] only
+        (softmax outputs): a rule giving a log kind to a weight site is refused.
       skip: leave the matched sites in float.
     """
 
@@ -89,6 +91,54 @@ class DualClipping:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ:
+    """Settings of GPTQ-style closed-form weight rounding (docs/method.md, "GPTQ rounding").
+
+    Used with ``QuantConfig(weight_rounding="gptq")``: each weight matmul's integer codes
+    are chosen from its inputs' second moments ``H = 2 XᵀX``, with error feedback
+    through ``H⁻¹``, the weight quantizer's scales and zero points unchanged.
+
+    Attributes:
+      damping: ``λ``: ``λ·mean(diag H)`` is added to the diagonal of ``H`` (GPTQ's
+        "percdamp"); larger trusts the calibration inputs less.
+      block_size: input rows per lazy block (the speed of the closed form, not its
+        result beyond float rounding).
+      act_order: quantize input rows in order of decreasing ``diag H`` (GPTQ's act
+        order) instead of their order in the kernel.
+      max_rows: calibration rows (tokens) sampled per site, paired between the float
+        and the quantized model: for the float target's cross moment and to judge each
+        output column.
+      held_out: the fraction of the sampled rows kept out of ``H`` and the cross moment:
+        each output column keeps, of nearest rounding and GPTQ's codes, the one with the
+        lowest output error against the float model on them (on the fitted rows when
+        too few rows). ``H`` uses every other row of the first chunk.
+      target: the output GPTQ matches on the quantized model's input ``X_q``:
+        ``"quantized"``: ``X_q W`` (GPTQ as published: only the weight's own error);
+        ``"float"``: also the float model's ``X_f W``, so the codes also correct the
+        error of the input's quantization (GPTQ of a weight shifted by the cross moment
+        ``X_qᵀ(X_f - X_q)``). The correction is fitted to the calibration rows' input
+        errors and can overfit few rows, so with ``"float"`` each column chooses among
+        nearest rounding and both targets' codes.
+    """
+
+    damping: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    max_rows: int = 2048
+    held_out: float = 0.25
+    target: Literal["quantized", "float"] = "float"
+
+    def __post_init__(self):
+        if not self.damping > 0:
+            raise ValueError(f"GPTQ.damping must be > 0, got {self.damping}")
+        if self.block_size < 1 or self.max_rows < 1:
+            raise ValueError(f"GPTQ.block_size and max_rows must be >= 1, got {self.block_size}, {self.max_rows}")
+        _check_choice("GPTQ.target", self.target, ("quantized", "float"))
+        if not 0 <= self.held_out < 1:
+            raise ValueError(f"GPTQ.held_out must be in [0, 1), got {self.held_out}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Reconstruction:
     """Weight rounding reconstruction after the fold (AdaRound-style, docs/method.md).
 
@@ -118,7 +168,10 @@ class Reconstruction:
         quantizers learned jointly to match the block's output
         (`repquant_jax._src.block_recon`). With ``"block"``, ``held_out`` is the
         fraction of calibration samples a block is judged on, and ``steps`` are per
-        block.
+        block. ``"model"``: the whole graph as one unit, matching the model's outputs
+        (as much memory as the graph's activations; on MiniLM, whose block outputs
+        carry a few huge channels that dominate a block's squared error, it beat
+        ``"block"``: experiments/RESULTS.md).
       scale_learning_rate: Adam learning rate on the log activation scales (blocks).
       qdrop: probability that an activation element skips quantization during block
         training (QDrop); 0 disables it.
@@ -134,7 +187,7 @@ class Reconstruction:
     warmup: float = 0.2
     max_rows: int = 1024
     held_out: float = 0.25
-    granularity: Literal["layer", "block", "sub_block"] = "layer"
+    granularity: Literal["layer", "block", "sub_block", "model"] = "layer"
     scale_learning_rate: float = 1e-3
     qdrop: float = 0.0
     eval_every: int = 25
@@ -183,10 +236,38 @@ class QuantConfig:
         model's narrowest float type (bfloat16: 0.031).
       rmsnorm: ``"bias"`` (asymmetric per-channel quantizer; the fold adds a norm bias)
         or ``"symmetric"`` (symmetric per-channel quantizer; a pure scale fold).
-      softmax_quantizer: ``"uniform"``, ``"log2"`` or ``"log_sqrt2"`` for softmax
-        outputs feeding a matmul.
+      softmax_quantizer: the quantizer of softmax outputs feeding a matmul:
+        ``"uniform"``, ``"log2"``, ``"log_sqrt2"`` (RepQ-ViT's), or ``"log_root"``: the
+        log quantizer of base ``2^(1/k)`` (levels ``2^(-q/k)``; docs/method.md,
+        "Softmax"), with ``k`` from ``softmax_log_root``.
+      softmax_log_root: ``k`` of the ``"log_root"`` softmax quantizer, an integer
+        >= 1 (1 is log2's levels, 2 log√2's). None: chosen from the site's bits by
+        `repquant_jax._src.quantizers.default_log_root` (measured per bit-width,
+        experiments/results/softmax_base.md).
       percentile: the percentile of the ``"percentile"`` calibration.
+      range_selection: how an activation quantizer's range is chosen among the
+        candidates of its calibration rule (docs/method.md, "Calibration"):
+        ``"held_out"`` cross-validates: the calibration samples are dealt into
+        ``range_folds`` folds, each candidate is fitted on all folds but one and judged
+        on that one, and the candidate with the lowest error over all folds is fitted
+        again on all samples, so that ranges hold on inputs calibration did not see;
+        for a per-channel norm output it also chooses per channel or per tensor that
+        way, given at least ``range_folds`` samples. ``"calibration"`` judges the candidates on the values they are fitted to
+        (the RepQ-ViT rule). Weights are always judged on themselves.
+      range_folds: folds of ``"held_out"`` (samples are the rows of a batch's leading
+        axis, or the tokens when there is a single sample; fewer samples than folds:
+        leave one out).
+      range_expansions: besides the percentile ranges, ``"held_out"`` tries the
+        min-max range with both ends multiplied by each of these factors (the
+        ``"minmax"`` rule tries only these and 1): a wider range costs resolution
+        but clips fewer new values, which only the held-out samples can show.
       dual_clipping: learn per-channel clipping of norm outputs before the fold.
+      weight_rounding: how weight codes are chosen before any reconstruction:
+        ``"nearest"`` (round to nearest) or ``"gptq"`` (closed form from the
+        calibration inputs' second moments, with error feedback; settings in
+        ``gptq``). With ``reconstruction``, AdaRound starts from that rounding and
+        each output column (layer-wise) or block keeps it unless learning beats it.
+      gptq: the settings of ``weight_rounding="gptq"``.
       reconstruction: learn weight rounding after the fold.
       rules: per-site overrides, first match wins.
       seed: seeds every random choice (subsampling, learning).
@@ -210,9 +291,15 @@ class QuantConfig:
     exact_zero_point: bool = True
     fold_check_tolerance: float | None = None
     rmsnorm: str = "bias"
-    softmax_quantizer: Literal["uniform", "log2", "log_sqrt2"] = "log_sqrt2"
+    softmax_quantizer: SoftmaxQuantizer = "log_sqrt2"
+    softmax_log_root: int | None = None
     percentile: float = 0.9999
+    range_selection: Literal["held_out", "calibration"] = "held_out"
+    range_folds: int = 4
+    range_expansions: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
     dual_clipping: DualClipping | None = None
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
+    gptq: GPTQ = GPTQ()
     reconstruction: Reconstruction | None = None
     rules: tuple[Rule, ...] = ()
     seed: int = 0
@@ -228,9 +315,19 @@ class QuantConfig:
         _check_choice("norm_quantizer", self.norm_quantizer, ("per_tensor", "per_channel"))
         _check_choice("unfoldable", self.unfoldable, ("branch", "per_tensor", "per_channel", "error"))
         _check_choice("rmsnorm", self.rmsnorm, ("bias", "symmetric"))
-        _check_choice("softmax_quantizer", self.softmax_quantizer, ("uniform", "log2", "log_sqrt2"))
+        _check_choice("softmax_quantizer", self.softmax_quantizer, _SOFTMAX_QUANTIZERS)
+        root = self.softmax_log_root
+        if root is not None and (isinstance(root, bool) or not isinstance(root, int) or not 1 <= root <= MAX_LOG_ROOT):
+            raise ValueError(f"softmax_log_root must be None or an integer in 1..{MAX_LOG_ROOT}, got {root!r}")
         if not 0.5 < self.percentile <= 1.0:
             raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+        _check_choice("range_selection", self.range_selection, ("held_out", "calibration"))
+        if isinstance(self.range_folds, bool) or not isinstance(self.range_folds, int) or self.range_folds < 2:
+            raise ValueError(f"range_folds must be an integer >= 2, got {self.range_folds!r}")
+        if not isinstance(self.range_expansions, tuple) or not all(
+            isinstance(e, (int, float)) and 1 <= e <= 1e3 for e in self.range_expansions
+        ):
+            raise ValueError(f"range_expansions must be a tuple of numbers in [1, 1000], got {self.range_expansions!r}")
         if self.calibration_chunk < 1:
             raise ValueError(f"calibration_chunk must be >= 1, got {self.calibration_chunk}")
         if self.max_calibration_values < 1024:
@@ -253,8 +350,12 @@ class SiteSpec:
       calibration: the range estimator.
       skip: left in float by a rule.
       rule: index of the rule that matched, if any.
+      log_root: ``k`` of a ``"log_root"`` quantizer (None for other kinds).
       note: why the settings differ from the config's (e.g. per tensor for a norm
         group that cannot be folded), for the report.
+      fixed_granularity: the held-out choice of ``range_selection`` keeps the
+        granularity: a norm group that cannot be folded whole (a branch fold, or kept
+        per channel by ``unfoldable="per_channel"``).
     """
 
     name: str
@@ -266,3 +367,5 @@ class SiteSpec:
     skip: bool = False
     rule: int | None = None
     note: str = ""
+    fixed_granularity: bool = False
+    log_root: int | None = None

@@ -19,23 +19,36 @@ matmuls on those integers:
   ``int32`` (intermediate wrap-around cancels in two's complement): guaranteed for
   ``K <= 33000`` contracted elements when zero points lie in the code range
   (``|q - z| <= 255``), and in practice far beyond.
-* **attn·V with a log√2 (or log2) attention operand** (docs/method.md, "Softmax"): with
-  ``e = ceil(q/2)`` and the code's parity, ``attn·V = s·s_v·(Σ_j (V' - z'_v)_j·2^(-e_ij)
-  + (√2 - 1)·Σ_{j: q_ij odd} (V' - z'_v)_j·2^(-e_ij))``: two shift-and-add accumulators
-  over V's integer codes (V itself is unchanged). The shifts are realised as ``int8``
-  matmuls against exact powers of two: the exponents are cut into windows of 7
-  (``e ∈ [7w, 7w + 6]``), where ``2^(7w+6-e) ∈ [1, 64]`` is an ``int8``; every (accumulator,
-  window) pair is one slice of a stacked operand, so the whole attn·V is a single
-  ``int8 x int8 -> int32`` ``dot_general`` with one extra batch axis (plus the zero-point
-  correction ``z'_v·Σ_j 2^(7w+6-e_ij)``); each slice is scaled back by the exact power of
-  two ``2^-(7w+6)``. **What is exact:** every product and every window accumulator (an
-  exact ``int32`` for ``L < 2^16`` contracted tokens; exactly converted to float while below
-  ``2^24``) and every power-of-two scaling; the sum of the windows, the ``√2 - 1``
-  combination and the final ``s·s_v`` rescale round in float32, like the fake-quant
-  matmul. Exponents above ``min(e_max, 24 + ceil(log2 L))`` are dropped: their total is
-  below ``2^-24`` of the largest output the codes can produce (4-bit log codes are covered
-  completely). The reserved zero code contributes nothing. 8-bit log√2 with ``L = 8``
-  takes 4 windows x 2 accumulators = 8 slices; ``L = 197``, 5 x 2.
+* **attn·V with a log attention operand** (log2, log√2 or base ``2^(1/k)``; docs/method.md,
+  "Softmax"): with ``e = ceil(q/k)``, ``j = k·e - q`` and ``c_r = 2^(r/k)``,
+  ``attn·V = s·s_v·Σ_r c_r·Σ_{j: j_ij = r} (V' - z'_v)_j·2^(-e_ij)``: ``k`` shift-and-add
+  accumulators over V's integer codes (V itself is unchanged), in one of two forms
+  (``export(..., log_matmul=...)``):
+
+  - ``"pow2"`` (the default, fast): each shift is an exact float32 power of two built from
+    its exponent bits and each ``V' - z'_v`` an exact integer, so every product is exact;
+    the ``k`` accumulators are one float32 ``dot_general`` whose log operand has the
+    residue ``r`` as one more free axis (``k`` disjoint slices, V read once), combined
+    with the ``c_r`` by a weighted sum XLA fuses into its output. The sums round in
+    float32, like the fake-quant matmul.
+  - ``"int8_windows"``: the shifts are realised as ``int8`` matmuls against exact powers of
+    two: the exponents are cut into windows of 7 (``e ∈ [7w, 7w + 6]``), where
+    ``2^(7w+6-e) ∈ [1, 64]`` is an ``int8``; every (accumulator, window) pair is one slice of
+    a stacked operand (accumulator 0 all codes with weight 1, accumulator ``r >= 1`` the
+    codes of residue ``r`` with weight ``c_r - 1``), so the whole attn·V is a single
+    ``int8 x int8 -> int32`` ``dot_general`` with one extra batch axis (plus the zero-point
+    correction ``z'_v·Σ_j 2^(7w+6-e_ij)``); each slice is scaled back by the exact power of
+    two ``2^-(7w+6)``. **What is exact:** every product and every window accumulator (an
+    exact ``int32`` for ``L < 2^16`` contracted tokens; exactly converted to float while
+    below ``2^24``) and every power-of-two scaling; the sum of the windows, the ``c_r``
+    combination and the final ``s·s_v`` rescale round in float32, like the fake-quant
+    matmul. Exponents above ``min(e_max, 24 + ceil(log2 L))`` are dropped: their total is
+    below ``2^-24`` of the largest output the codes can produce (4-bit log codes are
+    covered completely). The reserved zero code contributes nothing. 8-bit log√2 with
+    ``L = 8`` takes 4 windows x 2 accumulators = 8 slices; ``L = 197``, 5 x 2. It was the
+    only form before issue #16, and is 4-5x slower than float on the shipped ViT
+    (benchmarks/RESULTS.md).
+
 * **Weight-only sites** (activation not quantized, more than 8 bits, per channel, or a
   non-integer zero point; convolutions; weights of more than 8 bits): the weight is
   dequantized on the fly from its codes and the matmul runs in float, as in ``qapply``.
@@ -118,7 +131,8 @@ __all__ = [
 _UNIFORM = ("uniform", "symmetric")
 #: Exponents per window of the integer log2 attn·V path: 2^(0..6) fit int8.
 _WINDOW = 7
-_SQRT2_M1 = math.sqrt(2.0) - 1.0
+#: How `integer_apply` computes attn·V from log codes (`Exported.log_matmul`).
+LogMatmul = Literal["pow2", "int8_windows"]
 
 
 @struct.dataclass
@@ -196,6 +210,10 @@ class Exported:
       qapply: the `QApply` of the transform (static; provides the traced graph and plan).
       integer_points: names of activation points whose zero point is an integer (static).
       float_nbytes: bytes of the float params ``export`` started from (static).
+      log_matmul: how attn·V with a log attention operand runs: ``"pow2"`` (the fast
+        form: the ``k`` accumulators as one float32 ``dot_general`` of exact powers of
+        two and V's integer codes) or ``"int8_windows"`` (stacked ``int8`` slices with
+        exact ``int32`` accumulators; see the module docstring) (static).
     """
 
     params: Any
@@ -207,6 +225,7 @@ class Exported:
     qapply: QApply = struct.field(pytree_node=False)
     integer_points: tuple[str, ...] = struct.field(pytree_node=False, default=())
     float_nbytes: int = struct.field(pytree_node=False, default=0)
+    log_matmul: LogMatmul = struct.field(pytree_node=False, default="pow2")
 
 
 class BytesReport(NamedTuple):
@@ -368,6 +387,7 @@ def export(
     qapply: QApply,
     *example_inputs: Any,
     int4: Literal["packed", "native"] = "packed",
+    log_matmul: LogMatmul = "pow2",
 ) -> Exported:
     """Exports a transformed model with integer weight storage.
 
@@ -379,6 +399,10 @@ def export(
       int4: storage of weights of <= 4 bits: ``"packed"`` (two codes per ``int8`` byte,
         half a byte per weight on every backend) or ``"native"`` (``jnp.int4``; XLA packs
         it on TPU, not on CPU).
+      log_matmul: how `integer_apply` runs attn·V with a log attention operand:
+        ``"pow2"`` (fast) or ``"int8_windows"`` (exact int32 accumulators); both equal
+        the fake-quant matmul up to float rounding. ``exported.replace(log_matmul=...)``
+        switches an existing export.
 
     Returns:
       The `Exported` pytree for `integer_apply` (see the module docstring for its format).
@@ -397,6 +421,8 @@ def export(
         raise TypeError(f"export expects the QApply returned by transform, got {type(qapply).__name__}")
     if int4 not in ("packed", "native"):
         raise ValueError(f"int4 must be 'packed' or 'native', got {int4!r}")
+    if log_matmul not in _LOG_MATMULS:
+        raise ValueError(f"log_matmul must be one of {tuple(_LOG_MATMULS)}, got {log_matmul!r}")
     graph, plan = qapply.analysis(qparams.params, example_inputs)
     leaves, treedef = jax.tree_util.tree_flatten(qparams.params)
 
@@ -434,6 +460,7 @@ def export(
         qapply=qapply,
         integer_points=integer_points,
         float_nbytes=nbytes(qparams.params),
+        log_matmul=log_matmul,
     )
 
 
@@ -514,25 +541,66 @@ def _int8_matmul(ops, zeros, scales, dn) -> jax.Array:
     return acc.astype(jnp.float32) * (scales[0] * scales[1])
 
 
-def _log_matmul(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Array:
-    """attn·V from log√2/log2 codes and int8 V codes (docs/method.md, "Softmax").
+def _log_terms(log_codes: jax.Array, qp: qz.QuantParams):
+    """``(e, j, nonzero, k)`` of log codes: ``x̂ = s·c_j·2^(-e)`` (`qz.log_root_to_log2_terms`)."""
+    a = log_codes.astype(jnp.int32)
+    k = qz.log_root_of(qp)
+    e, j = qz.log_root_to_log2_terms(a, k)
+    return e, j, a != log_zero_code(qp.bits), k
+
+
+def _float_dot(ops: tuple[jax.Array, jax.Array], dn: Any) -> jax.Array:
+    return jax.lax.dot_general(ops[0], ops[1], dn, precision=jax.lax.Precision.HIGHEST)
+
+
+def _log_matmul_pow2(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Array:
+    """attn·V as ``k`` shift-and-add accumulators of V's codes, in float32 (the fast form).
+
+    ``attn·V = s·s_v·Σ_r c_r·Σ_{j: j_ij = r} 2^(-e_ij)·(V' - z'_v)_j``. The shifts are
+    exact float32 powers of two, built from their exponent bits (``ldexp``), and
+    ``V' - z'_v`` are exact small integers, so every product is exact; the ``k``
+    accumulators are one ``dot_general`` whose log operand has one more free axis (the
+    residue ``r``: the slices are disjoint, so V is read once, not copied ``k`` times),
+    and their combination with the ``c_r`` is one weighted sum that XLA fuses into the
+    matmul's output. Accumulation rounds in float32, as the fake-quant matmul does.
+    """
+    e, j, nonzero, k = _log_terms(log_codes, log_qp)
+    p = jnp.where(nonzero, qz._pow2_neg(e), 0.0)
+    v = v_codes.astype(jnp.float32) - _shifted_zero(v_qp).astype(jnp.float32)
+    if k == 1:
+        ops = (p, v) if log_side == 0 else (v, p)
+        return _float_dot(ops, dn) * (log_qp.scale * v_qp.scale)
+    # P_r = P where j == r: a new last (free) axis of the log operand.
+    stacked = jnp.where(j[..., None] == jnp.arange(k, dtype=jnp.int32), p[..., None], 0.0)
+    ops = (stacked, v) if log_side == 0 else (v, stacked)
+    acc = _float_dot(ops, dn)
+    # The residue axis sits last among the log operand's free axes of the output.
+    n_batch = len(dn[1][0])
+    n_free = [ops[s_].ndim - len(dn[0][s_]) - n_batch for s_ in (0, 1)]
+    axis = n_batch + n_free[0] - 1 if log_side == 0 else n_batch + n_free[0] + n_free[1] - 1
+    # an elementwise weighted sum (not a dot), so that it fuses into the matmul's output
+    terms = [
+        jnp.float32(c) * jax.lax.index_in_dim(acc, r, axis, keepdims=False)
+        for r, c in enumerate(qz.log_root_multipliers(k))
+    ]
+    return sum(terms[1:], terms[0]) * (log_qp.scale * v_qp.scale)
+
+
+def _log_matmul_int8_windows(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Array:
+    """attn·V from log codes and int8 V codes as stacked ``int8`` slices (the exact form).
 
     Every (accumulator, exponent window) pair is one slice of a stacked ``int8`` operand
     ``P[g] = 2^(top_w - e)`` (inside window ``w``, else 0), so all of them run as a single
     ``int8 x int8 -> int32`` ``dot_general`` with one extra batch axis; the exact ``int32``
     results are scaled by ``2^-top_w`` and combined with weights 1 (all codes) and
-    ``√2 - 1`` (odd codes).
+    ``c_r - 1`` (codes of residue ``r = 1..k-1``; for log√2 the odd codes and ``√2 - 1``).
     """
-    a = log_codes.astype(jnp.int32)
-    bits = log_qp.bits
-    nonzero = a != log_zero_code(bits)
-    if log_qp.kind == "log_sqrt2":
-        e, odd = qz.log_sqrt2_to_log2_terms(a)
-        masks, weights = [nonzero, odd & nonzero], [1.0, _SQRT2_M1]
-        e_max = 2 ** (bits - 1) - 1
-    else:
-        e, masks, weights = a, [nonzero], [1.0]
-        e_max = 2**bits - 2
+    e, j, nonzero, k = _log_terms(log_codes, log_qp)
+    masks, weights = [nonzero], [1.0]
+    for r, c in enumerate(qz.log_root_multipliers(k)[1:], start=1):
+        masks.append(nonzero & (j == r))
+        weights.append(c - 1.0)
+    e_max = -(-(2**log_qp.bits - 2) // k)  # ceil((2^b - 2) / k): the largest exponent
     length = int(np.prod([log_codes.shape[d] for d in dn[0][log_side]]))
     e_cover = min(e_max, 24 + math.ceil(math.log2(max(length, 1))))
     n_windows = (e_cover + _WINDOW) // _WINDOW
@@ -555,6 +623,9 @@ def _log_matmul(log_codes, log_qp, v_codes, v_qp, log_side: int, dn) -> jax.Arra
     coef = jnp.asarray(coefs, jnp.float32).reshape((-1,) + (1,) * (acc.ndim - 1))
     total = jnp.sum(acc.astype(jnp.float32) * coef, axis=0)
     return total * (log_qp.scale * v_qp.scale)
+
+
+_LOG_MATMULS = {"pow2": _log_matmul_pow2, "int8_windows": _log_matmul_int8_windows}
 
 
 def _source(graph: Graph, producers: Mapping[ValueId, NodeId], vid: ValueId) -> ValueId:
@@ -620,7 +691,7 @@ def _integer_program(graph: Graph, plan: Plan, exported: Exported) -> tuple[Hook
         out_dtype = graph.avals[node.outputs[0]].dtype
         site = site_of.get(index)
         codes = exported.weights.get(site.name) if site is not None else None
-        fn, mode = _matmul_fn(node, operands, dtypes, out_dtype, site, codes, integer_points)
+        fn, mode = _matmul_fn(node, operands, dtypes, out_dtype, site, codes, exported.log_matmul)
         if fn is not None:
             fns[index] = fn
         if site is not None:
@@ -639,7 +710,7 @@ def _is_int8_point(op: _Operand) -> bool:
     return op.codes and op.qp is not None and op.qp.kind in _UNIFORM
 
 
-def _matmul_fn(node, operands, dtypes, out_dtype, site, codes: WeightCodes | None, integer_points):
+def _matmul_fn(node, operands, dtypes, out_dtype, site, codes: WeightCodes | None, log_matmul: str):
     """The function computing one matmul node in `integer_apply`, and its mode."""
     is_dot = node.primitive == "dot_general"
     dn = node.params.get("dimension_numbers")
@@ -692,7 +763,7 @@ def _matmul_fn(node, operands, dtypes, out_dtype, site, codes: WeightCodes | Non
         if is_dot and lg.codes and lg.qp.kind in LOG_KINDS and _is_int8_point(v):
 
             def log_act(ops, log_side=log_side, lg=lg, v=v):
-                out = _log_matmul(ops[log_side], lg.qp, ops[1 - log_side], v.qp, log_side, dn)
+                out = _LOG_MATMULS[log_matmul](ops[log_side], lg.qp, ops[1 - log_side], v.qp, log_side, dn)
                 return out.astype(out_dtype)
 
             return log_act, "log2_shift_add"

@@ -2,6 +2,16 @@
 
 A site's values are kept as a bounded uniform sample (`Reservoir`) across calibration
 chunks and dispatched to the range estimators of `calibration`.
+
+With ``QuantConfig.range_selection == "held_out"`` an activation's range is chosen on
+calibration samples it was not fitted to (docs/method.md, "Calibration"): the rows are
+dealt into folds by the sample they came from (`held_out_folds`), every candidate range
+of the rule (`range_candidates`) is fitted on all folds but one and judged on that one,
+for each fold in turn (cross-validation), and the candidate with the lowest error over
+all folds is fitted again on all rows (`calibrate_values`). For a per-channel norm output the same
+judgement also picks per channel or per tensor: per-channel ranges fitted on few rows
+(a class token before a classifier head) do not cover the next inputs. Weights are
+judged on themselves: they are all there is to see.
 """
 
 from __future__ import annotations
@@ -16,7 +26,16 @@ from repquant_jax._src import quantizers as qz
 from repquant_jax._src.config import QuantConfig, SiteSpec
 from repquant_jax._src.types import LOG_KINDS
 
-__all__ = ["Reservoir", "calibrate_values", "calibrate_weight", "point_values", "subsample"]
+__all__ = [
+    "Reservoir",
+    "calibrate_values",
+    "calibrate_weight",
+    "held_out_folds",
+    "point_samples",
+    "point_values",
+    "range_candidates",
+    "subsample",
+]
 
 
 class Reservoir:
@@ -30,22 +49,32 @@ class Reservoir:
         self.cap = cap
         self.rng = rng
         self.data: np.ndarray | None = None
+        #: the calibration sample each kept row came from (`point_samples`), if given
+        self.samples: np.ndarray | None = None
+        self.next_sample = 0  # the id of the next calibration sample
         self._keys: np.ndarray | None = None
         self.seen = 0  # values, not rows
 
-    def add(self, values: np.ndarray) -> None:
-        """Adds values: a flat array, or ``[rows, C]`` (whole rows are kept)."""
+    def add(self, values: np.ndarray, samples: np.ndarray | None = None) -> None:
+        """Adds values: a flat array, or ``[rows, C]`` (whole rows are kept), with the
+        sample id of every row (or None)."""
         row_size = int(np.prod(values.shape[1:]))
         keep = max(1, self.cap // row_size)
         keys = self.rng.random(int(values.shape[0]))
         self.seen += values.size
+        if samples is None:
+            samples = np.full(values.shape[0], -1, np.int64)
+        elif samples.size:
+            self.next_sample = max(self.next_sample, int(samples.max()) + 1)
         if self.data is not None:
+            assert self._keys is not None and self.samples is not None
             values = np.concatenate([self.data, values])
             keys = np.concatenate([self._keys, keys])
+            samples = np.concatenate([self.samples, samples])
         if values.shape[0] > keep:
             index = np.sort(np.argpartition(keys, keep - 1)[:keep])
-            values, keys = values[index], keys[index]
-        self.data, self._keys = values, keys
+            values, keys, samples = values[index], keys[index], samples[index]
+        self.data, self._keys, self.samples = values, keys, samples
 
 
 def subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -56,16 +85,119 @@ def subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def point_values(values: list[Any], spec: SiteSpec) -> np.ndarray:
-    """A site's observed values over a chunk: flat, or ``[rows, C]`` for per channel."""
-    if spec.granularity == "per_channel":
-        channels = np.shape(values[0])[-1]
-        return np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
-    return np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
+    """A site's observed values over a chunk as ``[rows, C]``, ``C`` the last axis.
+
+    Rows (not single values) are what a `Reservoir` keeps and what the held-out split
+    divides, also for a per-tensor site, whose rule reads them flattened.
+    """
+    del spec  # the layout is the same for both granularities
+    channels = np.shape(values[0])[-1] if np.ndim(values[0]) else 1
+    return np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
 
 
-def calibrate_values(values: np.ndarray, spec: SiteSpec, config: QuantConfig, axis: int | None) -> qz.QuantParams:
-    """Fits a quantizer to observed values (flat for per tensor, ``[rows, C]`` with
-    ``axis=-1`` for per channel)."""
+def point_samples(values: list[Any], first: int) -> np.ndarray:
+    """The calibration sample of every row of `point_values`, numbered from ``first``.
+
+    A value's leading axis is its batch's samples (a value of rank < 2 is one sample).
+    """
+    ids, start = [], first
+    for v in values:
+        shape = np.shape(v)
+        rows = int(np.prod(shape[:-1])) if len(shape) else 1
+        n = shape[0] if len(shape) >= 2 and shape[0] > 0 else 1
+        ids.append(start + np.arange(rows, dtype=np.int64) // max(1, rows // n))
+        start += n
+    return np.concatenate(ids)
+
+
+#: a per-tensor quantizer replaces a per-channel one only if its held-out error is
+#: below this fraction of the per-channel one's (see `_held_out_choice`)
+_PER_TENSOR_MARGIN = 0.5
+
+
+def held_out_folds(samples: np.ndarray, folds: int) -> list[np.ndarray] | None:
+    """The held-out rows of each fold: the calibration samples dealt into ``folds``
+    parts in calibration order (sample ``i`` to fold ``i mod folds``).
+
+    Every sample is held out once, so a sample whose values lie outside all the others'
+    (which is what the next input may do) is seen from outside in one fold, and fewer
+    than ``folds`` samples give one fold per sample (leave one out). With a single
+    sample its rows (tokens) are dealt instead. None when there is nothing to split
+    (fewer than two rows), or when the samples are unknown (ids < 0).
+
+    Example:
+        >>> [m.astype(int) for m in held_out_folds(np.array([0, 0, 1, 1, 2]), 2)]
+        [array([1, 1, 0, 0, 1]), array([0, 0, 1, 1, 0])]
+    """
+    if samples.size < 2 or samples.min() < 0:
+        return None
+    units, position = np.unique(samples, return_inverse=True)
+    if units.size < 2:  # one sample: deal its rows
+        position = np.arange(samples.size)
+    n = int(position.max()) + 1
+    k = min(folds, n)
+    return [position % k == f for f in range(k)]
+
+
+def range_candidates(method: str, config: QuantConfig) -> tuple[cal.Candidate, ...]:
+    """The candidate ranges ``"held_out"`` selection judges for a calibration rule."""
+    percentiles = (1.0,) if method == "minmax" else cal.DEFAULT_PERCENTILES
+    return cal.candidates(percentiles, config.range_expansions)
+
+
+def _held_out_choice(
+    values: np.ndarray,
+    folds: list[np.ndarray],
+    spec: SiteSpec,
+    config: QuantConfig,
+    axis: int | None,
+    choose_granularity: bool,
+) -> qz.QuantParams:
+    """The candidate (and, for a per-channel spec with ``choose_granularity``, the
+    granularity) with the lowest squared error summed over the folds' held-out rows,
+    fitted again on all rows."""
+    symmetric = spec.kind == "symmetric"
+    cands = range_candidates(spec.calibration, config)
+    best: tuple[float, int | None, np.ndarray] | None = None
+    # Per channel first: per tensor replaces it only when clearly better (its error
+    # below `_PER_TENSOR_MARGIN` times per channel's), since a per-channel norm
+    # quantizer folds exactly and is what dual clipping learns on; on even channels
+    # the two are close and the split's noise would otherwise decide.
+    for ax in (axis, None) if axis is not None and choose_granularity and not spec.fixed_granularity else (axis,):
+        sse = sum(
+            cal.candidate_errors(values[~held], values[held], spec.bits, ax, cands, symmetric)
+            * (values[held].size if ax is None else int(held.sum()))
+            for held in folds
+        )  # (K, C): squared error per candidate and channel over all held-out rows
+        # One candidate for all channels: picking one per channel on the same held-out
+        # rows would overfit them (each channel's best of K on a few rows looks better
+        # than it is on the next inputs) and favour per channel in the comparison.
+        totals = np.sum(sse, axis=1)
+        k = int(np.argmin(totals))
+        if best is None or float(totals[k]) < _PER_TENSOR_MARGIN * best[0]:
+            best = (float(totals[k]), ax, np.asarray(k))
+    assert best is not None
+    _, ax, choice = best
+    qp = cal.fit_candidates(values, spec.bits, ax, cands, choice, symmetric)
+    return qp.replace(axis=-1) if ax is not None else qp
+
+
+def calibrate_values(
+    values: np.ndarray,
+    spec: SiteSpec,
+    config: QuantConfig,
+    axis: int | None,
+    samples: np.ndarray | None = None,
+) -> qz.QuantParams:
+    """Fits a quantizer to observed values (``[rows, C]``, or flat; ``axis=-1`` for per
+    channel).
+
+    ``samples`` (the calibration sample of every row) enables the held-out choice of
+    the range of a uniform ``"minmax"`` or ``"search"`` site under
+    ``config.range_selection == "held_out"``; a per-channel spec may then come back per
+    tensor (``axis`` None), which `repquant_jax._src.specs.chosen_granularities`
+    records in the spec.
+    """
     method, bits, kind = spec.calibration, spec.bits, spec.kind
     if kind in LOG_KINDS:
         low = float(np.min(values)) if np.size(values) else 0.0
@@ -75,11 +207,22 @@ def calibrate_values(values: np.ndarray, spec: SiteSpec, config: QuantConfig, ax
                 f"values down to {low:.3g}; use a uniform quantizer there"
             )
         if method == "search":
-            return cal.search_log_sqrt2(values, bits, kind=kind)
+            return cal.search_log_sqrt2(values, bits, kind=kind, root=spec.log_root)
         top = np.max(values) if method == "minmax" else np.quantile(values, config.percentile)
-        make = qz.log2 if kind == "log2" else qz.log_sqrt2
-        return make(jnp.float32(max(float(top), 1e-8)), bits)
+        top = jnp.float32(max(float(top), 1e-8))
+        if kind == "log_root":
+            return qz.log_root(top, bits, spec.log_root)  # type: ignore[arg-type]  # (validated there)
+        return (qz.log2 if kind == "log2" else qz.log_sqrt2)(top, bits)
     symmetric = kind == "symmetric"
+    folds = None
+    if samples is not None and config.range_selection == "held_out" and method != "percentile":
+        folds = held_out_folds(samples, config.range_folds)
+    if folds is not None:
+        # Dropping a norm output's per-channel quantizer (and with it the fold) takes
+        # evidence from at least `range_folds` samples: on two, one held out against
+        # the other decides by chance.
+        enough = samples is not None and np.unique(samples).size >= config.range_folds
+        return _held_out_choice(values, folds, spec, config, axis, enough)
     if method == "minmax":
         qp = cal.minmax(values, bits, axis=axis, symmetric=symmetric)
     elif method == "percentile":

@@ -40,7 +40,8 @@ File layout (format version :data:`FORMAT_VERSION`):
     messages only) and ``structure``: the nested containers, enough to
     rebuild the pytree (``null`` when it holds custom pytree nodes),
   - ``weights`` / ``activations``: lists of ``{"site", "static", "arrays"}``
-    (``static`` holds ``bits``/``kind``/``axis``; ``arrays`` maps
+    (``static`` holds ``bits``/``kind``/``axis``, and ``root`` for a ``"log_root"``
+    quantizer (files written before it existed load with ``root=None``); ``arrays`` maps
     ``scale``/``zero_point`` to tensor keys), ``input_offsets`` /
     ``output_offsets`` / ``input_scales``: lists of ``{"site", "key"}``, all in dict
     order,

@@ -14,7 +14,7 @@ judged on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import optax
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.config import DualClipping, QuantConfig, Reconstruction
 from repquant_jax._src.fold import weight_from_matrix, weight_matrix
+from repquant_jax._src.gptq import soft_start, start_rounding
 from repquant_jax._src.hooks import quant_hooks
 from repquant_jax._src.interpret import evaluate_batches
 from repquant_jax._src.param_edits import params_with_weights
@@ -183,6 +184,7 @@ def adaround_matrix(
     x_fp: jax.Array,
     config: Reconstruction,
     held_out: tuple[jax.Array, jax.Array] | None = None,
+    start: jax.Array | None = None,
 ) -> tuple[jax.Array, float, float]:
     """Learns the rounding of a ``[K, N]`` weight matrix (per-column quantizer ``qp``).
 
@@ -198,6 +200,12 @@ def adaround_matrix(
         learned rounding only if that lowers the column's error on them (on the training
         rows when None): with ``K·N`` rounding choices and a few thousand rows, learning
         can overfit.
+      start: integer codes of ``w`` to start from (GPTQ's), or None for nearest
+        rounding. The soft rounding starts on their side of each threshold
+        (`gptq.soft_start`; where a code is neither the floor nor the ceiling of
+        ``w / s``, the two choices become that code and its neighbour towards ``w``,
+        `gptq.start_rounding`), and each column keeps the best on the judged rows of
+        nearest rounding, ``start`` and the learned rounding.
 
     Returns:
       ``(w_on_grid, loss_before, loss_after)``: a matrix whose fake quantization with
@@ -209,9 +217,15 @@ def adaround_matrix(
     qmin, qmax = qz.code_range(qp)
     s = jnp.broadcast_to(jnp.asarray(qp.scale), (w.shape[1],)) if qp.axis is not None else jnp.asarray(qp.scale)
     z = jnp.broadcast_to(jnp.asarray(qp.zero_point), s.shape)
-    w_floor = jnp.floor(w / s)
-    rest = w / s - w_floor
-    v0 = adaround_logits(rest)
+    if start is None:
+        w_floor = jnp.floor(w / s)
+        rest = w / s - w_floor
+        v0 = adaround_logits(rest)
+        nearest = jnp.round(rest + w_floor) - w_floor  # 0/1: ordinary rounding
+    else:
+        w_floor, start_h = start_rounding(w, qp, start)
+        v0 = adaround_logits(soft_start(w, qp, w_floor, start_h))  # h(v0) rounds to the start
+        nearest = jnp.round(w / s) - w_floor  # ordinary rounding, offset from the moved floor
     target = x_fp @ w
     n_rows = x_q.shape[0]
 
@@ -245,7 +259,6 @@ def adaround_matrix(
                 beta, lam = config.beta_end + (config.beta_start - config.beta_end) * (1 - t), config.reg_weight
             v, state = step(v, state, jnp.float32(beta), jnp.float32(lam))
 
-    nearest = jnp.round(rest + w_floor) - w_floor  # 0/1: ordinary rounding
     learned = (adaround_h(v) >= 0.5).astype(w.dtype)
     judge_q, judge_fp = held_out if held_out is not None else (x_q, x_fp)
 
@@ -255,9 +268,14 @@ def adaround_matrix(
     # A column's rounding changes only its own output, so each column keeps whichever
     # rounding has the lower error.
     e_nearest, e_learned = column_errors(nearest), column_errors(learned)
-    better = e_learned < e_nearest
-    chosen = jnp.where(better, learned, nearest)
-    return dequant(chosen), float(e_nearest.sum()), float(jnp.where(better, e_learned, e_nearest).sum())
+    fallback, e_fallback = nearest, e_nearest
+    if start is not None:  # GPTQ's codes, where they beat nearest rounding
+        e_start = column_errors(start_h)
+        fallback = jnp.where(e_start < e_nearest, start_h, nearest)
+        e_fallback = jnp.minimum(e_start, e_nearest)
+    better = e_learned < e_fallback
+    chosen = jnp.where(better, learned, fallback)
+    return dequant(chosen), float(e_nearest.sum()), float(jnp.where(better, e_learned, e_fallback).sum())
 
 
 def _rows(operand: jax.Array, contracting: Sequence[int]) -> jax.Array:
@@ -267,8 +285,19 @@ def _rows(operand: jax.Array, contracting: Sequence[int]) -> jax.Array:
     return moved.reshape(-1, k)
 
 
-def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig, progress: Callable[[str], None]):
+def reconstruct_weights(
+    graph,
+    plan,
+    qparams,
+    batch_leaves,
+    config: QuantConfig,
+    progress: Callable[[str], None],
+    start: Mapping[str, jax.Array] | None = None,
+):
     """Learns the weight rounding of every dot_general weight site, in forward order.
+
+    ``start`` maps sites to the codes their rounding starts from (GPTQ's; the others
+    start from nearest rounding), see `adaround_matrix`.
 
     The float targets come from the folded float model (same function as the original,
     docs/method.md, "Folding a norm"); the inputs from the quantized model with every upstream site
@@ -322,7 +351,10 @@ def reconstruct_weights(graph, plan, qparams, batch_leaves, config: QuantConfig,
             matrix = weight_matrix(jnp.asarray(leaf[w.kernel_index], jnp.float32), w.contracting)
             x_fp, n = float_rows[w.name], split[w.name]
             held_out = (x_q[n:], x_fp[n:]) if n < x_q.shape[0] else None
-            new, before, after = adaround_matrix(matrix, qparams.weights[w.name], x_q[:n], x_fp[:n], rc, held_out)
+            codes = (start or {}).get(w.name)
+            new, before, after = adaround_matrix(
+                matrix, qparams.weights[w.name], x_q[:n], x_fp[:n], rc, held_out, codes
+            )
             view = np.asarray(weight_from_matrix(new, w.weight_shape, w.contracting))
             updates.append((w, view))  # applied after the pass: leaves may back live arrays
             done.append((w.name, before, after))

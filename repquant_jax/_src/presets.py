@@ -7,11 +7,17 @@ are any `QuantConfig` fields.
 * `percentile`: the percentile + MSE search (docs/method.md, "Calibration"), per-tensor
   norm outputs ("plain layer-wise"), uniform softmax.
 * `repq_vit`: the search, per-channel norm outputs folded to per-tensor (the norm fold),
-  log√2 softmax (in its log2 form). No learning.
+  a log softmax quantizer of base 2^(1/k) with k chosen from the bits
+  (``softmax_quantizer="log_root"``; k = 2, RepQ-ViT's log√2, where that measured best),
+  in its log2 form. ``softmax_quantizer="log_sqrt2"`` gives RepQ-ViT's log√2 at every
+  width. No learning.
 * `repquant`: `repq_vit` plus learnable dual clipping and weight reconstruction
   (docs/method.md, "Learned steps").
 
 Weights are per output channel in every preset (docs/method.md, "What gets quantized").
+Every preset rounds weights to nearest; ``weight_rounding="gptq"`` (an override of any
+of them) chooses the codes in closed form instead (docs/method.md, "GPTQ rounding"),
+and with ``repquant`` AdaRound then starts from them.
 
 Example:
   >>> from repquant_jax._src import presets
@@ -46,8 +52,8 @@ def percentile(w_bits: int = 4, a_bits: int = 4, **overrides: Any) -> QuantConfi
 
 
 def repq_vit(w_bits: int = 4, a_bits: int = 4, **overrides: Any) -> QuantConfig:
-    """RepQ-ViT: per-channel norm outputs folded to per-tensor, log√2 softmax."""
-    base = dict(norm_quantizer="per_channel", softmax_quantizer="log_sqrt2")
+    """RepQ-ViT: per-channel norm outputs folded to per-tensor, log softmax (k from the bits)."""
+    base = dict(norm_quantizer="per_channel", softmax_quantizer="log_root")
     return QuantConfig(w_bits=w_bits, a_bits=a_bits, **{**base, **overrides})
 
 
@@ -55,7 +61,7 @@ def repquant(w_bits: int = 4, a_bits: int = 4, **overrides: Any) -> QuantConfig:
     """RepQuant: `repq_vit` + learnable dual clipping + weight reconstruction."""
     base = dict(
         norm_quantizer="per_channel",
-        softmax_quantizer="log_sqrt2",
+        softmax_quantizer="log_root",
         dual_clipping=DualClipping(),
         reconstruction=Reconstruction(),
     )

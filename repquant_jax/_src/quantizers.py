@@ -1,4 +1,4 @@
-"""Fake quantizers and integer codes: uniform, symmetric, log2 and log√2.
+"""Fake quantizers and integer codes: uniform, symmetric and log base 2^(1/k) (log2, log√2).
 
 A quantizer is described by a :class:`QuantParams` pytree (``scale`` and
 ``zero_point`` are leaves; ``bits``, ``kind`` and ``axis`` are static). Three
@@ -18,6 +18,10 @@ Kinds (docs/method.md, "Quantizers"), with ``s`` the scale, ``z`` the zero point
 * ``"log_sqrt2"`` (for values in ``[0, 1]``, e.g. softmax outputs):
   ``q = round(-2·log2(x/s))``, ``x̂ = s·2^(-q/2)``.
 * ``"log2"``: ``q = round(-log2(x/s))``, ``x̂ = s·2^(-q)``.
+* ``"log_root"`` with an integer root ``k >= 1`` (static ``QuantParams.root``):
+  ``q = round(-k·log2(x/s))``, ``x̂ = s·2^(-q/k)``, levels ``2^(1/k)`` apart. ``k = 1``
+  gives the log2 levels and ``k = 2`` the log√2 ones, bit for bit; :func:`log_root_of`
+  gives the ``k`` of every log kind.
 
 Uniform and symmetric quantizers are per tensor (``axis=None``, scalar scale)
 or per channel (``scale`` and ``zero_point`` of shape ``(C,)`` broadcast along
@@ -33,16 +37,17 @@ Design decisions:
   causal mask exactly representable by an integer code and makes
   ``quantize``/``dequantize`` a true encode/decode pair:
   ``quantize(dequantize(q)) == q`` for every code whose level is a normal
-  float32 number. Levels with ``e > 126`` or ``s·2^-e`` below float32's
+  float32 number. Levels with ``e = ceil(q/k) > 126`` or ``s·2^-e`` below float32's
   normal range (only log2 from 7 bits and log√2 from 8 bits reach them)
   dequantize to 0 and are never produced by :func:`quantize`, which sends such
   an underflow to the zero code too. ``x <= 0`` goes through a
   safe argument before ``log2``, so neither the forward nor the backward pass
   produces NaN or Inf at ``x = 0``. NaN inputs are not supported.
-* **Exact powers of two.** Log-kind values are built as ``s·c·2^(-e)`` with
-  the power of two assembled bit-exactly (not through ``exp2``), so that the
-  shift-and-add form of :func:`log_sqrt2_matmul_shift_add` multiplies by the
-  very same numbers.
+* **Exact powers of two.** Log-kind values are built as ``s·c_j·2^(-e)``
+  (``e = ceil(q/k)``, ``j = k·e - q`` in ``0..k-1``, ``c_j = 2^(j/k)`` rounded to
+  float32 once, :func:`log_root_to_log2_terms`) with the power of two assembled
+  bit-exactly (not through ``exp2``), so that the shift-and-add form of
+  :func:`log_root_matmul_shift_add` multiplies by the very same numbers.
 * **Gradients.** :func:`fake_quant` of the uniform kinds uses the *clipped*
   straight-through estimator: ``∂x̂/∂x = 1`` for ``x`` in the closed clipping
   range ``[(qmin - z)·s, (qmax - z)·s]`` and 0 outside. The forward value is
@@ -83,7 +88,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -92,16 +96,22 @@ import numpy as np
 from flax import struct
 
 from repquant_jax._src import types
-from repquant_jax._src.types import QUANTIZER_KINDS, QuantizerKind, log_zero_code
+from repquant_jax._src.types import MAX_LOG_ROOT, QUANTIZER_KINDS, QuantizerKind, log_zero_code
 
 __all__ = [
     "KINDS",
     "Kind",
     "QuantParams",
     "code_range",
+    "default_log_root",
     "dequantize",
     "fake_quant",
     "log2",
+    "log_root",
+    "log_root_matmul_shift_add",
+    "log_root_multipliers",
+    "log_root_of",
+    "log_root_to_log2_terms",
     "log_sqrt2",
     "log_sqrt2_matmul_shift_add",
     "log_sqrt2_to_log2_terms",
@@ -115,8 +125,11 @@ KINDS = QUANTIZER_KINDS
 MIN_BITS = 2
 MAX_BITS = 16
 
+MAX_ROOT = MAX_LOG_ROOT
+
 _UNIFORM_KINDS = ("uniform", "symmetric")
-_SQRT2 = math.sqrt(2.0)
+#: The root k implied by the kinds that have one built in.
+_FIXED_ROOTS = {"log2": 1, "log_sqrt2": 2}
 
 
 @struct.dataclass
@@ -135,6 +148,8 @@ class QuantParams:
         kind: one of :data:`KINDS` (static).
         axis: channel axis of ``x`` for per-channel quantizers; ``None`` for per
             tensor (static).
+        root: the ``k`` of a ``"log_root"`` quantizer (levels ``2^(-q/k)``), in
+            ``1..MAX_ROOT``; ``None`` for the other kinds (static).
 
     Example:
         >>> qp = symmetric(scale=jnp.array([0.1, 0.2]), bits=8, axis=-1)
@@ -147,6 +162,7 @@ class QuantParams:
     bits: int = struct.field(pytree_node=False)
     kind: str = struct.field(pytree_node=False, default="uniform")
     axis: int | None = struct.field(pytree_node=False, default=None)
+    root: int | None = struct.field(pytree_node=False, default=None)
 
     if TYPE_CHECKING:  # added by flax.struct.dataclass at runtime
 
@@ -202,24 +218,34 @@ def _check_param_shapes(scale: jax.Array, zero_point: jax.Array, axis: int | Non
         raise ValueError(f"zero_point shape {zero_point.shape} does not match scale shape {scale.shape}")
 
 
+def _check_root(root) -> int:
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 1 <= root <= MAX_ROOT:
+        raise ValueError(f"root must be an int in 1..{MAX_ROOT}, got {root!r}")
+    return int(root)
+
+
 def _check_static(qp: QuantParams) -> None:
     _check_bits(qp.bits)
     _check_kind(qp.kind)
     _check_axis(qp.axis)
+    if qp.kind == "log_root":
+        _check_root(qp.root)
+    elif qp.root is not None:
+        raise ValueError(f"only 'log_root' quantizers have a root, got kind={qp.kind!r} with root={qp.root!r}")
 
 
 def _as_f32(a) -> jax.Array:
     return jnp.asarray(a, dtype=jnp.float32)
 
 
-def _make(scale, zero_point, bits, kind, axis) -> QuantParams:
+def _make(scale, zero_point, bits, kind, axis, root: int | None = None) -> QuantParams:
     bits = _check_bits(bits)
     axis = _check_axis(axis)
     scale = _as_f32(scale)
     zero_point = _as_f32(zero_point)
     _check_param_shapes(scale, zero_point, axis)
     _check_scale(scale)
-    return QuantParams(scale=scale, zero_point=zero_point, bits=bits, kind=kind, axis=axis)
+    return QuantParams(scale=scale, zero_point=zero_point, bits=bits, kind=kind, axis=axis, root=root)
 
 
 # ----------------------------------------------------------------------------
@@ -308,6 +334,81 @@ def log_sqrt2(scale, bits: int) -> QuantParams:
     return _make(scale, jnp.zeros_like(scale), bits, "log_sqrt2", None)
 
 
+def log_root(scale, bits: int, root: int) -> QuantParams:
+    """Per-tensor log quantizer of base ``2^(1/k)``: ``q = round(-k·log2(x/s))``, ``x̂ = s·2^(-q/k)``.
+
+    ``k = root``; its levels are ``2^(1/k)`` apart, so a larger ``k`` trades range
+    (``2^-((2^b - 2)/k)`` is the smallest level) for resolution. ``root=1`` has the
+    levels of :func:`log2` and ``root=2`` those of :func:`log_sqrt2`. The code
+    ``2^b - 1`` is reserved for exact zero (see the module docstring).
+
+    Args:
+        scale: positive scalar scale (the largest representable value).
+        bits: bit width in 2..16.
+        root: ``k``, an integer in ``1..MAX_ROOT``.
+
+    Returns:
+        A validated :class:`QuantParams` of kind ``"log_root"``.
+
+    Raises:
+        ValueError: bad bits or root, or a non-positive / non-finite concrete scale.
+
+    Example:
+        >>> qp = log_root(1.0, bits=4, root=3)
+        >>> quantize(jnp.array([1.0, 0.5, 0.63, 0.0]), qp)
+        Array([ 0,  3,  2, 15], dtype=int32)
+    """
+    scale = _as_f32(scale)
+    return _make(scale, jnp.zeros_like(scale), bits, "log_root", None, _check_root(root))
+
+
+def log_root_of(qp: QuantParams) -> int:
+    """The root ``k`` of a log quantizer: 1 for ``"log2"``, 2 for ``"log_sqrt2"``, ``qp.root``
+    for ``"log_root"``.
+
+    Raises:
+        ValueError: ``qp`` is not a log quantizer.
+
+    Example:
+        >>> log_root_of(log_sqrt2(1.0, bits=4)), log_root_of(log_root(1.0, bits=8, root=4))
+        (2, 4)
+    """
+    if qp.kind == "log_root":
+        return _check_root(qp.root)
+    if qp.kind not in _FIXED_ROOTS:
+        raise ValueError(f"{qp.kind!r} is not a log quantizer kind")
+    return _FIXED_ROOTS[qp.kind]
+
+
+#: Root k of the default softmax quantizer per bit-width (``"log_root"`` with
+#: ``softmax_log_root=None``). 4, 6 and 8 bits are measured (experiments/softmax_base.py:
+#: the k with the lowest mean relative output error of the shipped ViT and the tiny LLaMA,
+#: experiments/results/softmax_base.md), except 4 bits, where that is k = 3 by the LLaMA
+#: alone and the default keeps log√2 (`default_log_root`); 2, 3, 5 and 7 bits are
+#: interpolated between them.
+_DEFAULT_LOG_ROOTS = {2: 1, 3: 2, 4: 2, 5: 4, 6: 8, 7: 10, 8: 12}
+
+
+def default_log_root(bits: int) -> int:
+    """The root ``k`` a ``"log_root"`` softmax quantizer gets at ``bits`` when none is given.
+
+    Measured at 4, 6 and 8 bits (experiments/results/softmax_base.md: k = 8 and 12 at 6
+    and 8 bits; at 4 bits k = 3 had the lower error on the tiny LLaMA but log√2, k = 2,
+    on the ViT over 3 draws, with equal top-1, so 4 bits keeps RepQ-ViT's log√2),
+    interpolated at 2, 3, 5 and 7. Above 8 bits the resolution doubles with every
+    further bit (``k(b) = k(8)·2^(b-8)``, at most ``MAX_ROOT``), which keeps the range ``2^-((2^b - 2)/k)`` about constant while the
+    levels get closer; at 16 bits k = 1024 had the lowest softmax error of those tried.
+
+    Example:
+        >>> [default_log_root(b) for b in (4, 8, 16)]
+        [2, 12, 1024]
+    """
+    bits = _check_bits(bits)
+    if bits in _DEFAULT_LOG_ROOTS:
+        return _DEFAULT_LOG_ROOTS[bits]
+    return min(MAX_ROOT, _DEFAULT_LOG_ROOTS[8] * 2 ** (bits - 8))
+
+
 def code_range(qp: QuantParams) -> tuple[int, int]:
     """Returns the integer code range ``(qmin, qmax)`` of a quantizer.
 
@@ -367,21 +468,26 @@ def _uniform_forward(x, s, z, qmin: int, qmax: int) -> jax.Array:
     return (_uniform_codes(x, s, z, qmin, qmax) - z) * s
 
 
-def _log_codes(x, s, bits: int, sqrt2: bool) -> jax.Array:
-    """Float-valued log codes, with ``2^b - 1`` reserved for exact zero."""
+def _log_root_codes(x, s, bits: int, root: int) -> jax.Array:
+    """Float-valued codes ``round(-k·log2(x/s))`` (``k = root``), ``2^b - 1`` reserved for zero."""
     zero_code = float(log_zero_code(bits))
     v = x / s
     positive = v > 0  # False for x <= 0, for x/s underflowing to 0, and for NaN.
     safe = jnp.where(positive, v, 1.0)  # keeps log2 (and its gradient) finite
     level = -jnp.log2(safe)
-    if sqrt2:
-        level = 2.0 * level
+    if root != 1:
+        level = float(root) * level
     r = jnp.maximum(jnp.round(level), 0.0)  # values above s clip to code 0
     r = jnp.where(positive & (r < zero_code), r, zero_code)
     # A level whose value underflows float32 (it would dequantize to 0) is an
     # underflow too: send it to the exact-zero code, so that codes round-trip.
-    underflow = _log_values(r, s, bits, sqrt2) <= 0
+    underflow = _log_root_values(r, s, bits, root) <= 0
     return jnp.where(underflow, zero_code, r)
+
+
+def _log_codes(x, s, bits: int, sqrt2: bool) -> jax.Array:
+    """`_log_root_codes` of log√2 (``sqrt2``) or log2: the form the range search uses."""
+    return _log_root_codes(x, s, bits, 2 if sqrt2 else 1)
 
 
 def _pow2_neg(e: jax.Array) -> jax.Array:
@@ -393,15 +499,30 @@ def _pow2_neg(e: jax.Array) -> jax.Array:
     return jnp.where(e > 126, 0.0, p).astype(jnp.float32)
 
 
-def _log_values(codes: jax.Array, s: jax.Array, bits: int, sqrt2: bool) -> jax.Array:
+def _root_multiplier(j: jax.Array, root: int) -> jax.Array:
+    """``c_j = 2^(j/k)`` in float32 for ``j`` in ``0..k-1`` (each rounded once, from float64)."""
+    table = log_root_multipliers(root)
+    if root == 1:
+        return jnp.ones(j.shape, jnp.float32)
+    if root == 2:  # a select, not a gather: the common case stays one fused elementwise op
+        return jnp.where(j == 1, jnp.float32(table[1]), jnp.float32(1.0))
+    return jnp.asarray(table)[j]
+
+
+def _log_root_values(codes: jax.Array, s: jax.Array, bits: int, root: int) -> jax.Array:
     codes = codes.astype(jnp.int32)
     zero = codes == log_zero_code(bits)
-    if sqrt2:
-        e, odd = log_sqrt2_to_log2_terms(codes)
-        mult = s * jnp.where(odd, jnp.float32(_SQRT2), jnp.float32(1.0))
-    else:
+    if root == 1:
         e, mult = codes, s
+    else:
+        e, j = log_root_to_log2_terms(codes, root)
+        mult = s * _root_multiplier(j, root)
     return jnp.where(zero, 0.0, mult * _pow2_neg(e)).astype(jnp.float32)
+
+
+def _log_values(codes: jax.Array, s: jax.Array, bits: int, sqrt2: bool) -> jax.Array:
+    """`_log_root_values` of log√2 (``sqrt2``) or log2: the form the range search uses."""
+    return _log_root_values(codes, s, bits, 2 if sqrt2 else 1)
 
 
 # The straight-through estimators are custom JVPs: the forward pass is then exactly the
@@ -432,16 +553,16 @@ def _fake_quant_uniform_jvp(qmin, qmax, primals, tangents):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _fake_quant_log(x, s, bits: int, sqrt2: bool) -> jax.Array:
+def _fake_quant_log(x, s, bits: int, root: int) -> jax.Array:
     """Log fake quant with an identity STE for x (no gradient to s)."""
-    return _log_values(_log_codes(x, s, bits, sqrt2), s, bits, sqrt2).astype(x.dtype)
+    return _log_root_values(_log_root_codes(x, s, bits, root), s, bits, root).astype(x.dtype)
 
 
 @_fake_quant_log.defjvp
-def _fake_quant_log_jvp(bits, sqrt2, primals, tangents):
+def _fake_quant_log_jvp(bits, root, primals, tangents):
     x, s = primals
     dx, _ = tangents
-    return _fake_quant_log(x, s, bits, sqrt2), jnp.where(jnp.isfinite(x), dx, 0.0).astype(x.dtype)
+    return _fake_quant_log(x, s, bits, root), jnp.where(jnp.isfinite(x), dx, 0.0).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -472,7 +593,7 @@ def quantize(x, qp: QuantParams) -> jax.Array:
         qmin, qmax = code_range(qp)
         codes = _uniform_codes(x, s, z, qmin, qmax)
     else:
-        codes = _log_codes(x, s, qp.bits, qp.kind == "log_sqrt2")
+        codes = _log_root_codes(x, s, qp.bits, log_root_of(qp))
     return codes.astype(jnp.int32)
 
 
@@ -485,9 +606,9 @@ def dequantize(codes, qp: QuantParams) -> jax.Array:
         qp: quantizer parameters.
 
     Returns:
-        ``float32`` values: ``(q - z)·s`` for the uniform kinds; ``s·2^(-q)`` or
-        ``s·2^(-q/2)`` for the log kinds, with the reserved code ``2^b - 1`` giving
-        exactly 0.
+        ``float32`` values: ``(q - z)·s`` for the uniform kinds; ``s·2^(-q/k)`` for
+        the log kinds (``k = log_root_of(qp)``), with the reserved code ``2^b - 1``
+        giving exactly 0.
 
     Example:
         >>> dequantize(jnp.array([0, 1, 15]), log_sqrt2(1.0, bits=4))
@@ -499,7 +620,7 @@ def dequantize(codes, qp: QuantParams) -> jax.Array:
     if qp.kind in _UNIFORM_KINDS:
         z = _broadcast_param(qp.zero_point, codes.shape, qp.axis)
         return ((codes.astype(jnp.float32) - z) * s).astype(jnp.float32)
-    return _log_values(codes, s, qp.bits, qp.kind == "log_sqrt2")
+    return _log_root_values(codes, s, qp.bits, log_root_of(qp))
 
 
 @jax.jit
@@ -530,12 +651,55 @@ def fake_quant(x, qp: QuantParams) -> jax.Array:
         qmin, qmax = code_range(qp)
         y = _fake_quant_uniform(xc, s.astype(xc.dtype), z.astype(xc.dtype), qmin, qmax)
     else:
-        y = _fake_quant_log(xc, s.astype(xc.dtype), qp.bits, qp.kind == "log_sqrt2")
+        y = _fake_quant_log(xc, s.astype(xc.dtype), qp.bits, log_root_of(qp))
     return y.astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------
-# log√2 -> log2 reparameterization (docs/method.md, "Softmax").
+# log 2^(1/k) -> log2 reparameterization (docs/method.md, "Softmax").
+
+
+@functools.cache
+def log_root_multipliers(root: int) -> tuple[float, ...]:
+    """The ``k`` mantissa multipliers ``c_j = 2^(j/k)``, ``j = 0..k-1``, each a float32.
+
+    Every level of a root-``k`` log quantizer is ``s·c_j·2^(-e)``
+    (:func:`log_root_to_log2_terms`); these are the only non-power-of-two numbers in it.
+
+    Example:
+        >>> log_root_multipliers(2)
+        (1.0, 1.4142135381698608)
+    """
+    root = _check_root(root)
+    return tuple(float(np.float32(2.0 ** (j / root))) for j in range(root))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def log_root_to_log2_terms(codes, root: int) -> tuple[jax.Array, jax.Array]:
+    """Splits root-``k`` log codes into a power-of-two exponent and a multiplier index.
+
+    With ``e = ceil(q/k)`` and ``j = k·e - q`` (in ``0..k-1``),
+    ``x̂ = s·2^(-q/k) = s·2^(-e)·c_j`` with ``c_j = 2^(j/k)`` in ``[1, 2)``
+    (:func:`log_root_multipliers`): a log2 quantizer whose scale is one of ``k``
+    scales ``s·c_j``, picked by the code's residue. ``k = 2`` is the parity split of
+    :func:`log_sqrt2_to_log2_terms`. The reserved exact-zero code ``2^b - 1`` is not
+    special here; callers mask it themselves.
+
+    Args:
+        codes: non-negative integer log codes.
+        root: ``k``.
+
+    Returns:
+        ``(exponent, index)``: ``int32`` arrays of ``e`` and ``j``.
+
+    Example:
+        >>> log_root_to_log2_terms(jnp.array([0, 1, 2, 3, 4]), 3)
+        (Array([0, 1, 1, 1, 2], dtype=int32), Array([0, 2, 1, 0, 2], dtype=int32))
+    """
+    root = _check_root(root)
+    codes = jnp.asarray(codes).astype(jnp.int32)
+    e = (codes + (root - 1)) // root
+    return e, root * e - codes
 
 
 @jax.jit
@@ -544,9 +708,9 @@ def log_sqrt2_to_log2_terms(codes) -> tuple[jax.Array, jax.Array]:
 
     With ``e = ceil(q/2)`` and ``odd = q % 2 == 1``,
     ``x̂ = s·2^(-q/2) = s·2^(-e)·(√2 if odd else 1)``: a log2 quantizer whose
-    scale is ``s`` or ``√2·s`` depending on the code's parity. The reserved
-    exact-zero code ``2^b - 1`` is odd; callers must mask it themselves
-    (:func:`log_sqrt2_matmul_shift_add` does).
+    scale is ``s`` or ``√2·s`` depending on the code's parity
+    (:func:`log_root_to_log2_terms` with ``k = 2``). The reserved exact-zero code
+    ``2^b - 1`` is odd; callers must mask it themselves.
 
     Args:
         codes: non-negative integer log√2 codes.
@@ -558,24 +722,25 @@ def log_sqrt2_to_log2_terms(codes) -> tuple[jax.Array, jax.Array]:
         >>> log_sqrt2_to_log2_terms(jnp.array([0, 1, 2, 3]))
         (Array([0, 1, 1, 2], dtype=int32), Array([False,  True, False,  True], dtype=bool))
     """
-    codes = jnp.asarray(codes).astype(jnp.int32)
-    return (codes + 1) // 2, (codes % 2) == 1
+    e, j = log_root_to_log2_terms(codes, 2)
+    return e, j == 1
 
 
 @jax.jit
-def log_sqrt2_matmul_shift_add(attn_codes, qp_attn: QuantParams, v_codes, qp_v: QuantParams) -> jax.Array:
-    """Computes ``attn @ V`` from codes with two shift-and-add accumulators.
+def log_root_matmul_shift_add(attn_codes, qp_attn: QuantParams, v_codes, qp_v: QuantParams) -> jax.Array:
+    """Computes ``attn @ V`` from codes with ``k`` shift-and-add accumulators.
 
-    Implements the log2 form of docs/method.md, "Softmax":
-    ``s·s_v·(Σ_j (V_int - z_v)_j·2^(-e_ij)
-    + (√2 - 1)·Σ_{j: q_ij odd} (V_int - z_v)_j·2^(-e_ij))``.
+    Implements the log2 form of docs/method.md, "Softmax": with
+    ``(e, j) = log_root_to_log2_terms(q)``,
+    ``attn @ V = s·s_v·Σ_{r=0}^{k-1} c_r·Σ_{j: j_ij = r} (V_int - z_v)_j·2^(-e_ij)``.
     The powers of two are exact float32 numbers here (an integer path would
     shift instead); reserved zero codes contribute nothing. The result equals
     ``fake_quant(attn) @ fake_quant(V)`` up to float rounding.
 
     Args:
-        attn_codes: log√2 codes of shape ``(..., i, j)``.
-        qp_attn: the per-tensor ``"log_sqrt2"`` quantizer of ``attn``.
+        attn_codes: log codes of shape ``(..., i, j)``.
+        qp_attn: the per-tensor log quantizer (``"log2"``, ``"log_sqrt2"`` or
+            ``"log_root"``) of ``attn``.
         v_codes: uniform codes of shape ``(..., j, d)``.
         qp_v: a uniform or symmetric quantizer of ``V``, per tensor or per channel
             along the last axis ``d``.
@@ -589,16 +754,17 @@ def log_sqrt2_matmul_shift_add(attn_codes, qp_attn: QuantParams, v_codes, qp_v: 
             other than the last one.
 
     Example:
-        >>> qa, qv = log_sqrt2(1.0, bits=4), uniform(0.1, 8.0, bits=4)
+        >>> qa, qv = log_root(1.0, bits=4, root=3), uniform(0.1, 8.0, bits=4)
         >>> a, v = jnp.array([[1.0, 0.0]]), jnp.array([[0.5], [0.2]])
-        >>> log_sqrt2_matmul_shift_add(quantize(a, qa), qa, quantize(v, qv), qv)
+        >>> log_root_matmul_shift_add(quantize(a, qa), qa, quantize(v, qv), qv)
         Array([[0.5]], dtype=float32)
     """
     _check_static(qp_attn)
     _check_static(qp_v)
-    if qp_attn.kind != "log_sqrt2" or qp_attn.axis is not None:
+    if qp_attn.kind not in types.LOG_KINDS or qp_attn.axis is not None:
         raise ValueError(
-            f"attn quantizer must be a per-tensor 'log_sqrt2' quantizer, got kind={qp_attn.kind!r}, axis={qp_attn.axis}"
+            f"attn quantizer must be a per-tensor log quantizer ('log2', 'log_sqrt2' or 'log_root'), "
+            f"got kind={qp_attn.kind!r}, axis={qp_attn.axis}"
         )
     if qp_v.kind not in _UNIFORM_KINDS:
         raise ValueError(f"V quantizer must be 'uniform' or 'symmetric', got {qp_v.kind!r}")
@@ -611,11 +777,41 @@ def log_sqrt2_matmul_shift_add(attn_codes, qp_attn: QuantParams, v_codes, qp_v: 
     v_centered = v_codes.astype(jnp.float32) - z_v
     s_a = _broadcast_param(qp_attn.scale, attn_codes.shape, None)
 
+    root = log_root_of(qp_attn)
     nonzero = attn_codes != log_zero_code(qp_attn.bits)
-    e, odd = log_sqrt2_to_log2_terms(attn_codes)
-    p_all = jnp.where(nonzero, _pow2_neg(e), 0.0)
-    p_odd = jnp.where(nonzero & odd, p_all, 0.0)
+    e, j = log_root_to_log2_terms(attn_codes, root)
+    p = jnp.where(nonzero, _pow2_neg(e), 0.0)
     mm = functools.partial(jnp.einsum, "...ij,...jd->...id", precision=jax.lax.Precision.HIGHEST)
-    acc = mm(p_all, v_centered) + jnp.float32(_SQRT2 - 1.0) * mm(p_odd, v_centered)
+    # one accumulator per residue r, each scaled by its c_r
+    terms = [
+        jnp.float32(c) * mm(jnp.where(j == r, p, 0.0), v_centered) for r, c in enumerate(log_root_multipliers(root))
+    ]
+    acc = sum(terms[1:], terms[0])
     s_out = s_a * (s_v if qp_v.axis is None else s_v.reshape(-1))
     return (s_out * acc).astype(jnp.float32)
+
+
+@jax.jit
+def log_sqrt2_matmul_shift_add(attn_codes, qp_attn: QuantParams, v_codes, qp_v: QuantParams) -> jax.Array:
+    """Computes ``attn @ V`` from log√2 codes with two shift-and-add accumulators.
+
+    :func:`log_root_matmul_shift_add` restricted to ``"log_sqrt2"`` quantizers:
+    ``s·s_v·(Σ_{j: q_ij even} (V_int - z_v)_j·2^(-e_ij)
+    + √2·Σ_{j: q_ij odd} (V_int - z_v)_j·2^(-e_ij))`` with ``e = ceil(q/2)``.
+
+    Raises:
+        ValueError: wrong quantizer kinds, or ``qp_v`` per channel along an axis
+            other than the last one.
+
+    Example:
+        >>> qa, qv = log_sqrt2(1.0, bits=4), uniform(0.1, 8.0, bits=4)
+        >>> a, v = jnp.array([[1.0, 0.0]]), jnp.array([[0.5], [0.2]])
+        >>> log_sqrt2_matmul_shift_add(quantize(a, qa), qa, quantize(v, qv), qv)
+        Array([[0.5]], dtype=float32)
+    """
+    _check_static(qp_attn)
+    if qp_attn.kind != "log_sqrt2" or qp_attn.axis is not None:
+        raise ValueError(
+            f"attn quantizer must be a per-tensor 'log_sqrt2' quantizer, got kind={qp_attn.kind!r}, axis={qp_attn.axis}"
+        )
+    return log_root_matmul_shift_add(attn_codes, qp_attn, v_codes, qp_v)

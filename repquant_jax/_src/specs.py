@@ -1,22 +1,27 @@
 """Per-site settings: the config and its rules resolved for every site of a plan.
 
-Specs are final before any evaluation: a per-channel norm point with too few
-calibration rows is made per tensor here, from the traced shapes, not mid-forward.
+Specs are resolved before any evaluation: a per-channel norm point with too few
+calibration rows is made per tensor here, from the traced shapes, not mid-forward. The
+one change calibration may make is the held-out choice of per tensor for a per-channel
+norm point (``QuantConfig.range_selection``), recorded by `chosen_granularities` right
+after calibration, before any stage that reads the granularity (dual clipping, the fold).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
 from repquant_jax._src.config import QuantConfig, SiteSpec
 from repquant_jax._src.graph import Graph
+from repquant_jax._src.quantizers import QuantParams, default_log_root
 from repquant_jax._src.sites import Plan
 from repquant_jax._src.types import LOG_KINDS, Granularity, QuantizerKind
 
-__all__ = ["resolve_specs", "calibration_rows"]
+__all__ = ["resolve_specs", "calibration_rows", "chosen_granularities"]
 
 
 def calibration_rows(graph: Graph, plan: Plan, batches: int) -> dict[str, int]:
@@ -51,6 +56,21 @@ def _apply_rules(spec: SiteSpec, config: QuantConfig, used: set[int]) -> SiteSpe
     return spec
 
 
+#: The kinds that name a log quantizer's root (the same levels as "log_root" with it).
+_ROOT_KINDS: dict[int, QuantizerKind] = {1: "log2", 2: "log_sqrt2"}
+
+
+def _resolve_log_root(spec: SiteSpec, config: QuantConfig) -> SiteSpec:
+    """A ``"log_root"`` spec with its root: ``config.softmax_log_root``, else from the bits.
+
+    Roots 1 and 2 become the kinds ``"log2"`` and ``"log_sqrt2"`` (the same levels, bit for
+    bit), so that one quantizer has one name in reports and saved files.
+    """
+    root = config.softmax_log_root if config.softmax_log_root is not None else default_log_root(spec.bits)
+    kind = _ROOT_KINDS.get(root, "log_root")
+    return dataclasses.replace(spec, kind=kind, log_root=root if kind == "log_root" else None)
+
+
 def resolve_specs(
     plan: Plan,
     config: QuantConfig,
@@ -83,7 +103,7 @@ def resolve_specs(
     for p in plan.points:
         kind: QuantizerKind = "uniform"
         granularity: Granularity = "per_tensor"
-        bits, note = config.a_bits, ""
+        bits, note, fixed = config.a_bits, "", False
         if p.source == "softmax":
             kind = config.softmax_quantizer
         elif p.source == "input":
@@ -93,6 +113,9 @@ def resolve_specs(
             granularity = "per_channel"
             if group.kind == "rmsnorm" and config.rmsnorm == "symmetric":
                 kind = "symmetric"
+            # Only whole folds may become per tensor by the held-out choice; a branch
+            # fold or an asked-for per-channel quantizer keeps its granularity.
+            fixed = not group.foldable
             if not group.foldable and not (config.unfoldable == "branch" and group.branch_foldable):
                 if config.unfoldable == "error":
                     raise ValueError(
@@ -103,10 +126,21 @@ def resolve_specs(
                 if config.unfoldable != "per_channel":
                     granularity, note = "per_tensor", f"per tensor (not foldable: {group.reason})"
         spec = _apply_rules(
-            SiteSpec(p.name, "activation", bits, kind, granularity, config.activation_calibration, note=note),
+            SiteSpec(
+                p.name,
+                "activation",
+                bits,
+                kind,
+                granularity,
+                config.activation_calibration,
+                note=note,
+                fixed_granularity=fixed,
+            ),
             config,
             used,
         )
+        if spec.kind == "log_root":  # after the rules, so that a rule's bits choose the root
+            spec = _resolve_log_root(spec, config)
         n_rows = None if rows is None else rows[p.name]
         few_rows = n_rows is not None and n_rows < config.min_rows_per_channel
         if spec.granularity == "per_channel" and not spec.skip and few_rows:
@@ -122,3 +156,24 @@ def resolve_specs(
     if unused and warn_unused:
         warnings.warn(f"quantization rules matched no site: {unused}", stacklevel=3)
     return specs
+
+
+def chosen_granularities(specs: Mapping[str, SiteSpec], activations: Mapping[str, QuantParams]) -> dict[str, SiteSpec]:
+    """``specs`` with every per-channel activation whose calibrated quantizer came back
+    per tensor (the held-out choice, `repquant_jax._src.fit.calibrate_values`) made per
+    tensor, with a note.
+
+    A norm output quantized per tensor needs no fold: the fold stage skips it, as it
+    skips the points `resolve_specs` demotes for too few rows, so the norm keeps its γ, β
+    and the matmuls after it their kernels.
+    """
+    out = dict(specs)
+    for name, qp in activations.items():
+        spec = specs.get(name)
+        if spec is not None and spec.granularity == "per_channel" and qp.axis is None:
+            out[name] = dataclasses.replace(
+                spec,
+                granularity="per_tensor",
+                note="per tensor: lower error than per channel on held-out calibration samples",
+            )
+    return out

@@ -4,7 +4,8 @@
 
     trace → specs → calibrate (forward order, upstream quantizers active)
           → learn dual clipping (repquant) → fold norms → re-calibrate folded weights
-          → reconstruct weight rounding (repquant) → report
+          → round weights (nearest or GPTQ) → reconstruct weight rounding (repquant)
+          → report
 
 Each stage reads what it needs from the frozen `QuantState` and returns the next one,
 so each can be run and tested on its own.
@@ -24,17 +25,25 @@ from repquant_jax._src import quantizers as qz
 from repquant_jax._src.adapters import check_reads_params
 from repquant_jax._src.block_recon import reconstruct_blocks
 from repquant_jax._src.config import QuantConfig, SiteSpec
-from repquant_jax._src.fit import Reservoir, calibrate_values, calibrate_weight, point_values, subsample
+from repquant_jax._src.fit import (
+    Reservoir,
+    calibrate_values,
+    calibrate_weight,
+    point_samples,
+    point_values,
+    subsample,
+)
 from repquant_jax._src.fold import weight_matrix
 from repquant_jax._src.fold_check import fold_checked, fold_offsets
+from repquant_jax._src.gptq import dequantized_view, gptq_round
 from repquant_jax._src.graph import trace
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, quant_hooks, weight_operand_hook
 from repquant_jax._src.interpret import Hook, Hooks, evaluate_batches
 from repquant_jax._src.learn import learn_dual_clipping, reconstruct_weights
-from repquant_jax._src.param_edits import weight_view
+from repquant_jax._src.param_edits import params_with_weights, weight_view
 from repquant_jax._src.report import SiteReport, TransformReport
 from repquant_jax._src.sites import WeightSite, analyze
-from repquant_jax._src.specs import calibration_rows, resolve_specs
+from repquant_jax._src.specs import calibration_rows, chosen_granularities, resolve_specs
 from repquant_jax._src.state import GroupOutcome, QuantState, Traced
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "learn_clipping",
     "fold_norms",
     "refit_folded_weights",
+    "round_weights",
     "reconstruct",
     "report",
 ]
@@ -105,9 +115,9 @@ class _Calibrator:
 
         def hook(values):
             reservoir = self.reservoirs[name]
-            reservoir.add(point_values(values, spec))
+            reservoir.add(point_values(values, spec), point_samples(values, reservoir.next_sample))
             try:
-                qp = calibrate_values(reservoir.data, spec, self.config, axis)
+                qp = calibrate_values(reservoir.data, spec, self.config, axis, reservoir.samples)
             except ValueError as err:
                 raise ValueError(f"calibrating {name!r}: {err}") from None
             self.activations[name] = qp
@@ -143,6 +153,7 @@ def calibrate(
             seen,
             total,
         )
+    specs = chosen_granularities(state.specs, calibrator.activations)
     clipping_rows = {}
     if config.dual_clipping is not None:
         for group in traced.plan.groups:
@@ -152,6 +163,7 @@ def calibrate(
                 assert data is not None  # the point was calibrated, so it kept values
                 clipping_rows[group.point] = subsample(data, config.dual_clipping.max_rows, rng)
     return state.replace(
+        specs=specs,
         weights=calibrator.weights,
         activations=calibrator.activations,
         samples={n: (r.data.size, r.seen) for n, r in calibrator.reservoirs.items() if r.data is not None},
@@ -256,19 +268,54 @@ def refit_folded_weights(traced: Traced, state: QuantState, config: QuantConfig)
     return state.replace(weights=weights)
 
 
+def round_weights(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
+    """Chooses the weights' integer codes in closed form (``weight_rounding="gptq"``),
+    in forward order on the quantized model's inputs, the scales unchanged.
+
+    The codes go to ``state.rounding`` (the leaves stay float: reconstruction's targets
+    and AdaRound's start need the float weights); `reconstruct` stores them.
+    """
+    if config.weight_rounding != "gptq" or state.rounding_notes:  # not chosen, or done already
+        return state
+    results = gptq_round(
+        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config.gptq, config.seed, progress
+    )
+    return state.replace(
+        rounding={name: r.codes for name, r in results.items() if r.codes is not None},
+        rounding_notes={name: r.note for name, r in results.items()},
+    )
+
+
+def _with_rounding(traced: Traced, state: QuantState) -> QuantState:
+    """``state`` with the codes of ``state.rounding`` stored in its leaves (dequantized:
+    each weight on its grid, so fake quantization keeps it)."""
+    if not state.rounding:
+        return state
+    qparams = state.qparams(traced)
+    views = [
+        (w, dequantized_view(w, state.rounding[w.name], state.weights[w.name]))
+        for w in traced.plan.weights
+        if w.name in state.rounding
+    ]
+    return state.replace(leaves=tuple(jax.tree_util.tree_leaves(params_with_weights(qparams.params, views))))
+
+
 def reconstruct(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
-    """Learns the rounding of the weights (RepQuant): per weight matmul in forward order,
-    or per block jointly with the block's activation scales."""
+    """Chooses the weights' rounding: GPTQ's closed form first (`round_weights`, with
+    ``weight_rounding="gptq"``), then, with ``config.reconstruction``, learned rounding
+    (RepQuant) starting from it: per weight matmul in forward order, or per block
+    jointly with the block's activation scales."""
+    state = round_weights(traced, state, config, progress)
     rc = config.reconstruction
     if rc is None:
-        return state
+        return _with_rounding(traced, state)
     if rc.granularity == "layer":
         qparams = reconstruct_weights(
-            traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config, progress
+            traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config, progress, state.rounding
         )
         return state.replace(leaves=tuple(jax.tree_util.tree_leaves(qparams.params)))
     qparams, results = reconstruct_blocks(
-        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, rc, config.seed, progress
+        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, rc, config.seed, progress, state.rounding
     )
     return state.replace(
         leaves=tuple(jax.tree_util.tree_leaves(qparams.params)),
@@ -307,7 +354,16 @@ def report(traced: Traced, state: QuantState, config: QuantConfig) -> TransformR
     names = {p.value_id: p.name for p in plan.points if p.name in qparams.activations}
     hooks = _measured(quant_hooks(graph, plan, qparams), state, names, errors)
     evaluate_batches(graph, jax.tree_util.tree_leaves(qparams.params), traced.first_chunk, hooks)
-    rows = [SiteReport.make(w.name, "weight", state.specs[w.name], qparams.weights.get(w.name)) for w in plan.weights]
+    rows = [
+        SiteReport.make(
+            w.name,
+            "weight",
+            state.specs[w.name],
+            qparams.weights.get(w.name),
+            note=state.rounding_notes.get(w.name, ""),
+        )
+        for w in plan.weights
+    ]
     for p in plan.points:
         spec, outcome = state.specs[p.name], state.outcomes.get(p.name)
         mse, rel = errors.get(p.name, (None, None))

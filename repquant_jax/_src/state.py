@@ -108,6 +108,10 @@ class QuantState:
       refit: weight sites whose kernels the folds rescaled (to be re-calibrated).
       reconstruction: one line per block reconstruction unit (losses before/after on
         both splits, kept or not), for the report.
+      rounding: weight site -> integer codes of its ``[K, N]`` matrix chosen before
+        reconstruction (GPTQ), which AdaRound starts from; sites absent round to
+        nearest.
+      rounding_notes: weight site -> what the rounding stage did there, for the report.
     """
 
     specs: Mapping[str, SiteSpec]
@@ -122,6 +126,8 @@ class QuantState:
     clipping_rows: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     refit: frozenset[str] = frozenset()
     reconstruction: tuple[str, ...] = ()
+    rounding: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+    rounding_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def replace(self, **changes: Any) -> QuantState:
         """The next state."""

@@ -85,6 +85,7 @@ def transform(
     state = stages.learn_clipping(traced, state, config, progress)
     state = stages.fold_norms(traced, state, config, progress)
     state = stages.refit_folded_weights(traced, state, config)
+    state = stages.round_weights(traced, state, config, progress)
     state = stages.reconstruct(traced, state, config, progress)
     report = stages.report(traced, state, config)
     progress("done")

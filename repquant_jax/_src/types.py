@@ -13,6 +13,7 @@ __all__ = [
     "QuantizerKind",
     "QUANTIZER_KINDS",
     "LOG_KINDS",
+    "MAX_LOG_ROOT",
     "Granularity",
     "Target",
     "CalibrationMethod",
@@ -26,10 +27,15 @@ ValueId = NewType("ValueId", int)
 #: A node (one equation) of a traced graph, by its index in ``Graph.nodes``.
 NodeId = NewType("NodeId", int)
 
-QuantizerKind = Literal["uniform", "symmetric", "log2", "log_sqrt2"]
-QUANTIZER_KINDS: tuple[QuantizerKind, ...] = ("uniform", "symmetric", "log2", "log_sqrt2")
+#: ``"log_root"`` is the log quantizer of base 2^(1/k) (k its static root); ``"log2"`` and
+#: ``"log_sqrt2"`` are its k = 1 and k = 2.
+QuantizerKind = Literal["uniform", "symmetric", "log2", "log_sqrt2", "log_root"]
+QUANTIZER_KINDS: tuple[QuantizerKind, ...] = ("uniform", "symmetric", "log2", "log_sqrt2", "log_root")
+#: Largest root k of a ``"log_root"`` quantizer. Past ~(2^16 - 2)/126 the 16-bit codes no
+#: longer reach float32's smallest normal level, so a larger k only narrows the range.
+MAX_LOG_ROOT = 1024
 #: Kinds for non-negative values (softmax outputs) only, never for weights.
-LOG_KINDS: tuple[QuantizerKind, ...] = ("log2", "log_sqrt2")
+LOG_KINDS: tuple[QuantizerKind, ...] = ("log2", "log_sqrt2", "log_root")
 
 Granularity = Literal["per_tensor", "per_channel"]
 Target = Literal["weight", "activation"]

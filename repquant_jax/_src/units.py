@@ -111,13 +111,15 @@ def _boundary(graph: Graph, dep: set[ValueId], producers: Mapping[ValueId, int],
     return tuple(inputs), tuple(outputs)
 
 
-def find_units(graph: Graph, plan: Sites, granularity: Literal["block", "sub_block"] = "block") -> tuple[Unit, ...]:
+def find_units(
+    graph: Graph, plan: Sites, granularity: Literal["block", "sub_block", "model"] = "block"
+) -> tuple[Unit, ...]:
     """The graph's reconstruction units, in forward order, covering every node.
 
     Args:
       graph: the traced model.
       plan: its sites.
-      granularity: one unit per transformer block, or per sub-block.
+      granularity: one unit per transformer block, per sub-block, or the whole graph.
 
     Returns:
       The units; a single one when the graph has no stream cut.
@@ -140,7 +142,9 @@ def find_units(graph: Graph, plan: Sites, granularity: Literal["block", "sub_blo
             begin = c
     if bounds and bounds[-1][1] != n:
         bounds[-1] = (bounds[-1][0], n)
-    if granularity == "block":
+    if granularity == "model":
+        bounds = [(0, n)]
+    elif granularity == "block":
         softmax_nodes = [s.node for s in plan.softmaxes]
         blocks: list[tuple[int, int]] = []
         for start, stop in bounds:
@@ -151,7 +155,7 @@ def find_units(graph: Graph, plan: Sites, granularity: Literal["block", "sub_blo
             else:
                 blocks.append((start, stop))
         bounds = blocks
-    label = "block" if granularity == "block" else "sub-block"
+    label = {"block": "block", "sub_block": "sub-block", "model": "model"}[granularity]
     readers = {}
     for p in plan.points:
         readers[p.name] = set(p.readers)
