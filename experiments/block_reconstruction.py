@@ -45,7 +45,15 @@ VARIANTS = {
 GAP_METRIC = {"minilm": "cos(quant, float) ×100"}
 
 
-def run_model(name: str, args) -> tuple[str, list[list[str]]]:
+def kept_units(report) -> str:
+    """How many reconstruction units kept what they learned, ``"kept/units"``."""
+    units = [n for n in report.notes if n.startswith("reconstruction ")]
+    return f"{sum(n.endswith('; kept') for n in units)}/{len(units)}" if units else ""
+
+
+def run_model(name: str, args, variants=VARIANTS, detail=kept_units) -> tuple[str, list[list[str]]]:
+    """One model's rows: per bit-width, repq_vit then each of ``args.variants`` over the
+    draws, with ``detail(report)`` per draw in the last column."""
     m = SETUPS[name](args)
     apply_fn, variables, evaluate = m["apply_fn"], m["variables"], m["evaluate"]
     metric = GAP_METRIC.get(name, m["metrics"][0])
@@ -55,7 +63,7 @@ def run_model(name: str, args) -> tuple[str, list[list[str]]]:
     rows = []
     for bits in args.bits:
         base = None
-        for variant, make in VARIANTS.items():
+        for variant, make in variants.items():
             if variant != "repq_vit" and variant not in args.variants:
                 continue
             scores, times, kept = [], [], []
@@ -65,8 +73,7 @@ def run_model(name: str, args) -> tuple[str, list[list[str]]]:
                 times.append(time.perf_counter() - start)
                 result = evaluate(lambda *x, q=qparams, f=qapply: f(q, *x))
                 scores.append(result[metric])
-                units = [n for n in qapply.report.notes if n.startswith("reconstruction ")]
-                kept.append(f"{sum(n.endswith('; kept') for n in units)}/{len(units)}" if units else "")
+                kept.append(detail(qapply.report))
                 others = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != metric)
                 log(
                     f"{name} W{bits}A{bits} {variant} draw {seed}: {scores[-1]:.4g} ({others}; "

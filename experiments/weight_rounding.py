@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
-import time
 
-import jax
+from block_reconstruction import run_model
 from common import RESULTS, log, machine, markdown_table
 from ptq_table import SETUPS
 
@@ -58,45 +56,6 @@ def gptq_columns(report: repquant.TransformReport) -> str:
     return f"{kept / total:.0%}" if total else ""
 
 
-def run_model(name: str, args) -> tuple[str, list[list[str]]]:
-    m = SETUPS[name](args)
-    apply_fn, variables, evaluate = m["apply_fn"], m["variables"], m["evaluate"]
-    metric = m["metrics"][0]
-    float_jit = jax.jit(apply_fn)
-    float_score = evaluate(lambda *x: float_jit(variables, *x))[metric]
-    log(f"{name} float {metric}: {float_score:.4g}")
-    rows = []
-    for bits in args.bits:
-        base = None
-        for variant, make in VARIANTS.items():
-            if variant != "repq_vit" and variant not in args.variants:
-                continue
-            scores, times, columns = [], [], []
-            for seed, calib in enumerate(m["draws"]):
-                start = time.perf_counter()
-                qparams, qapply = repquant.transform(apply_fn, variables, calib, make(bits))
-                times.append(time.perf_counter() - start)
-                scores.append(evaluate(lambda *x, q=qparams, f=qapply: f(q, *x))[metric])
-                columns.append(gptq_columns(qapply.report))
-                log(f"{name} W{bits}A{bits} {variant} draw {seed}: {scores[-1]:.4g} ({times[-1]:.0f} s) {columns[-1]}")
-            mean = statistics.mean(scores)
-            std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-            base = mean if base is None else base
-            closure = "" if variant == "repq_vit" else f"{(mean - base) / (float_score - base):.2f}"
-            rows.append(
-                [
-                    name,
-                    f"W{bits}A{bits}",
-                    variant,
-                    f"{mean:.4g} ± {std:.2g}",
-                    closure,
-                    f"{statistics.median(times):.0f}",
-                    " ".join(columns),
-                ]
-            )
-    return f"- {name}: float {metric} {float_score:.4g}. {m['description']}", rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(SETUPS), default=["vit"])
@@ -115,7 +74,7 @@ def main() -> None:
         map(str, args.bits)
     )
     for name in args.models:  # the file is rewritten after each model, so a long run keeps what it has
-        description, model_rows = run_model(name, args)
+        description, model_rows = run_model(name, args, VARIANTS, gptq_columns)
         descriptions.append(description)
         rows += model_rows
         table = markdown_table(
