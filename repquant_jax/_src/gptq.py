@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -468,8 +468,3 @@ def soft_start(matrix: jax.Array, qp: qz.QuantParams, base: jax.Array, offset: j
     up = jnp.maximum(jnp.maximum(r, 1 - r), 0.5 + 1e-3)
     down = jnp.minimum(jnp.minimum(r, 1 - r), 0.5 - 1e-3)
     return jnp.where(offset > 0.5, up, down)
-
-
-def notes(results: Mapping[str, SiteRounding]) -> dict[str, str]:
-    """Site name -> the report's line."""
-    return {name: r.note for name, r in results.items()}

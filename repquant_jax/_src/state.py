@@ -98,7 +98,8 @@ class QuantState:
     """Everything the stages have decided so far.
 
     Attributes:
-      specs: site name -> resolved settings, final before any evaluation.
+      specs: site name -> resolved settings, final before any evaluation except for
+        the held-out per-tensor choice of a norm output, which `calibrate` records.
       leaves: the current parameter leaves (folded by the fold stage).
       weights, activations, input_offsets, output_offsets, input_scales: as in
         `QParams`.
