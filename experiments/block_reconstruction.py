@@ -97,19 +97,25 @@ def run_model(name: str, args, variants=VARIANTS, detail=kept_units) -> tuple[st
     return f"- {name}: float {metric} {float_score:.4g}. {m['description']}", rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def comparison_args(description: str, variants, bits: list[int], out: str) -> argparse.Namespace:
+    """The command line of a comparison of ``variants`` against repq_vit (this script's,
+    and `weight_rounding.py`'s)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", choices=list(SETUPS), default=["vit"])
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument("--bits", type=int, nargs="+", default=bits)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--minilm-tokens", type=int, default=64)
     parser.add_argument("--llama-windows", type=int, default=128)
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="repq_vit is always run first"
+        "--variants", nargs="+", choices=list(variants), default=list(variants), help="repq_vit is always run first"
     )
-    parser.add_argument("--out", default=str(RESULTS / "block_reconstruction.md"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / out))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = comparison_args(__doc__.splitlines()[0], VARIANTS, [4, 3], "block_reconstruction.md")
     descriptions, rows = [], []
     for name in args.models:
         description, model_rows = run_model(name, args)

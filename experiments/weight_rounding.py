@@ -16,12 +16,10 @@ judged calibration rows). Writes experiments/results/weight_rounding.md.
 
 from __future__ import annotations
 
-import argparse
 import re
 
-from block_reconstruction import run_model
-from common import RESULTS, log, machine, markdown_table
-from ptq_table import SETUPS
+from block_reconstruction import comparison_args, run_model
+from common import log, machine, markdown_table
 
 import repquant_jax as repquant
 
@@ -57,18 +55,7 @@ def gptq_columns(report: repquant.TransformReport) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(SETUPS), default=["vit"])
-    parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--bits", type=int, nargs="+", default=[4])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--minilm-tokens", type=int, default=64)
-    parser.add_argument("--llama-windows", type=int, default=128)
-    parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="repq_vit is always run first"
-    )
-    parser.add_argument("--out", default=str(RESULTS / "weight_rounding.md"))
-    args = parser.parse_args()
+    args = comparison_args(__doc__.splitlines()[0], VARIANTS, [4], "weight_rounding.md")
     descriptions, rows = [], []
     command = f"python experiments/weight_rounding.py --models {' '.join(args.models)} --bits " + " ".join(
         map(str, args.bits)

@@ -330,6 +330,7 @@ def reconstruct_blocks(
       ``(qparams, results)``: weights on their learned grids, learned activation
       scales, and one `UnitResult` per unit.
     """
+    start = start or {}
     if config.granularity == "model":
         units = find_units(graph, plan, "model")
     else:
@@ -342,7 +343,7 @@ def reconstruct_blocks(
     results = []
     key = jax.random.key(seed)
     for i, unit in enumerate(units):
-        program, data, learned_w, learned_s = _unit_program(graph, plan, unit, qparams, shared, start or {})
+        program, data, learned_w, learned_s = _unit_program(graph, plan, unit, qparams, shared, start)
         f_inputs = [float_env[v] for v in unit.inputs]
         q_inputs = [quant_env[v] for v in unit.inputs]
         k_eval, k_train, key = jax.random.split(key, 3)
@@ -350,7 +351,7 @@ def reconstruct_blocks(
         learn = {
             "rounding": [
                 adaround_logits(soft_start(weight_matrix(operand, w.contracting), qp, base, h0))
-                if w.name in (start or {})
+                if w.name in start
                 else _init_rounding(operand, qp, w.contracting)
                 for w, (operand, qp), (base, h0) in zip(
                     learned_w, _learned_operands(graph, learned_w, shared, qparams), data["starts"]
@@ -380,7 +381,7 @@ def reconstruct_blocks(
             base, h0 = data["starts"][k]
             if result.kept:
                 rounding = (adaround_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
-            elif w.name in (start or {}):  # the starting codes stay (in float, nearest would)
+            elif w.name in start:  # the starting codes stay (in float, nearest would)
                 rounding = h0.astype(operand.dtype)
             else:
                 continue

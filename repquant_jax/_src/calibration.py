@@ -471,20 +471,27 @@ Candidate(percentile=1.0, expansion=2.0))
     return out
 
 
+def _candidate_probs(cands: Sequence[Candidate]) -> tuple[float, ...]:
+    """The quantile levels the candidates need: each percentile ``p``, then each ``1 - p``."""
+    probs = tuple(dict.fromkeys(c.percentile for c in cands))
+    return probs + tuple(1.0 - p for p in probs)
+
+
+def _candidate_bounds(xp, q, cands: Sequence[Candidate]):
+    """``(K, C)`` lower and upper ends of the candidate ranges from the quantiles ``q``
+    at `_candidate_probs` (one float32 rounding per widened end, on host or under jit)."""
+    n = len(q) // 2
+    probs = _candidate_probs(cands)[:n]
+    lo = xp.stack([q[n + probs.index(c.percentile)] * np.float32(c.expansion) for c in cands])
+    hi = xp.stack([q[probs.index(c.percentile)] * np.float32(c.expansion) for c in cands])
+    return lo, hi
+
+
 def _candidate_params(x2d: jax.Array, cands: Sequence[Candidate], bits: int, symmetric: bool):
     """``(K, C)`` scales and zero points of the candidate ranges of every channel."""
-    probs = tuple(dict.fromkeys(c.percentile for c in cands))
-    q = _quantiles(x2d, probs + tuple(1.0 - p for p in probs))
-    xp, q = _host(q)
-    his, los = [], []
-    for c in cands:
-        k = probs.index(c.percentile)
-        lo, hi = q[len(probs) + k], q[k]
-        if c.expansion != 1.0:  # one float32 rounding each, the same on host and under jit
-            lo, hi = lo * np.float32(c.expansion), hi * np.float32(c.expansion)
-        los.append(lo)
-        his.append(hi)
-    return _range_params(xp.stack(los), xp.stack(his), bits, symmetric)
+    xp, q = _host(_quantiles(x2d, _candidate_probs(cands)))
+    lo, hi = _candidate_bounds(xp, q, cands)
+    return _range_params(lo, hi, bits, symmetric)
 
 
 def candidate_errors(
@@ -527,10 +534,8 @@ def candidate_errors(
     fit2d, score2d = (_host_channels_first(_check_host(v), axis) for v in (fit, score))
     if fit2d.shape[0] != score2d.shape[0]:
         raise ValueError(f"fit and score data have {fit2d.shape[0]} and {score2d.shape[0]} channels")
-    probs = tuple(dict.fromkeys(c.percentile for c in cands))
-    q = np.quantile(fit2d, probs + tuple(1.0 - p for p in probs), axis=1).astype(np.float32)  # (2P, C)
-    lo = np.stack([q[len(probs) + probs.index(c.percentile)] * np.float32(c.expansion) for c in cands])
-    hi = np.stack([q[probs.index(c.percentile)] * np.float32(c.expansion) for c in cands])
+    q = np.quantile(fit2d, _candidate_probs(cands), axis=1).astype(np.float32)  # (2P, C)
+    lo, hi = _candidate_bounds(np, q, cands)
     scale, zero_point = _range_params(lo, hi, bits, bool(symmetric))  # (K, C)
     qmin, qmax = _code_limits(bits, bool(symmetric))
     errors = np.empty(scale.shape, np.float64)

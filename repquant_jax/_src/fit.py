@@ -84,13 +84,12 @@ def subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
     return x[np.sort(rng.choice(x.shape[0], size=rows, replace=False))]
 
 
-def point_values(values: list[Any], spec: SiteSpec) -> np.ndarray:
+def point_values(values: list[Any]) -> np.ndarray:
     """A site's observed values over a chunk as ``[rows, C]``, ``C`` the last axis.
 
     Rows (not single values) are what a `Reservoir` keeps and what the held-out split
     divides, also for a per-tensor site, whose rule reads them flattened.
     """
-    del spec  # the layout is the same for both granularities
     channels = np.shape(values[0])[-1] if np.ndim(values[0]) else 1
     return np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
 

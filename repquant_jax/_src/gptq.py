@@ -122,10 +122,6 @@ def float_target(matrix: jax.Array, hessian: jax.Array, cross: jax.Array, dampin
     return matrix + shift
 
 
-def _codes_of(row, scale, zero_point, qmin: int, qmax: int):
-    return jnp.clip(jnp.round(row / scale) + zero_point, qmin, qmax)
-
-
 @functools.partial(jax.jit, static_argnames=("qmin", "qmax", "block_size", "act_order"))
 def gptq_codes(
     matrix: jax.Array,
@@ -181,7 +177,7 @@ def gptq_codes(
         def row_step(j, inner):
             wb, qb, eb = inner
             row = wb[j]
-            q = _codes_of(row, s, z, qmin, qmax)
+            q = qz._uniform_codes(row, s, z, qmin, qmax)
             err = (row - (q - z) * s) / ub[j, j]
             # the error feedback to the block's later rows only (earlier ones are done)
             wb = wb - jnp.where((index > j)[:, None], ub[j][:, None] * err[None, :], 0.0)
@@ -244,7 +240,7 @@ def nearest_codes(matrix: jax.Array, qp: qz.QuantParams) -> jax.Array:
     """The codes of ordinary (round to nearest) quantization of ``matrix``."""
     qmin, qmax = qz.code_range(qp)
     s, z = _column_params(qp, matrix.shape[1])
-    return _codes_of(jnp.asarray(matrix, jnp.float32), s, z, qmin, qmax)
+    return qz._uniform_codes(jnp.asarray(matrix, jnp.float32), s, z, qmin, qmax)
 
 
 def dequantize_codes(codes: jax.Array, qp: qz.QuantParams) -> jax.Array:

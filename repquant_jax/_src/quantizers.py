@@ -485,11 +485,6 @@ def _log_root_codes(x, s, bits: int, root: int) -> jax.Array:
     return jnp.where(underflow, zero_code, r)
 
 
-def _log_codes(x, s, bits: int, sqrt2: bool) -> jax.Array:
-    """`_log_root_codes` of log√2 (``sqrt2``) or log2: the form the range search uses."""
-    return _log_root_codes(x, s, bits, 2 if sqrt2 else 1)
-
-
 def _pow2_neg(e: jax.Array) -> jax.Array:
     """Exact float32 ``2^(-e)`` for integer ``e`` (0 below the normal range)."""
     e = e.astype(jnp.int32)
@@ -518,11 +513,6 @@ def _log_root_values(codes: jax.Array, s: jax.Array, bits: int, root: int) -> ja
         e, j = log_root_to_log2_terms(codes, root)
         mult = s * _root_multiplier(j, root)
     return jnp.where(zero, 0.0, mult * _pow2_neg(e)).astype(jnp.float32)
-
-
-def _log_values(codes: jax.Array, s: jax.Array, bits: int, sqrt2: bool) -> jax.Array:
-    """`_log_root_values` of log√2 (``sqrt2``) or log2: the form the range search uses."""
-    return _log_root_values(codes, s, bits, 2 if sqrt2 else 1)
 
 
 # The straight-through estimators are custom JVPs: the forward pass is then exactly the

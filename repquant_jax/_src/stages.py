@@ -115,7 +115,7 @@ class _Calibrator:
 
         def hook(values):
             reservoir = self.reservoirs[name]
-            reservoir.add(point_values(values, spec), point_samples(values, reservoir.next_sample))
+            reservoir.add(point_values(values), point_samples(values, reservoir.next_sample))
             try:
                 qp = calibrate_values(reservoir.data, spec, self.config, axis, reservoir.samples)
             except ValueError as err:
