@@ -78,17 +78,33 @@ def _block_config(**kw):
     return repquant.presets.repquant(4, 4, reconstruction=repquant.Reconstruction(**{"granularity": "block", **kw}))
 
 
-def test_blocks_are_never_kept_worse_on_held_out_samples():
+def _figures(line: str, label: str) -> tuple[float, float] | None:
+    """``(before, after)`` of a report line's ``label`` figures, None when absent."""
+    if f"{label} " not in line:
+        return None
+    before, after = line.split(f"{label} ")[1].split(";")[0].split(",")[0].split(" -> ")
+    return float(before), float(after)
+
+
+@pytest.mark.parametrize("accept", ["unit", "model"])
+def test_blocks_are_never_kept_worse_on_held_out_samples(accept):
     apply_fn, params, x = _deep_plain(2)
     calib = [x * (1.0 + 0.1 * i) for i in range(2)]
-    q, qa = repquant.transform(apply_fn, params, calib, _block_config(steps=60))
+    q, qa = repquant.transform(apply_fn, params, calib, _block_config(steps=60, accept=accept))
     lines = [n for n in qa.report.notes if n.startswith("reconstruction block")]
     assert len(lines) == 2
+    checks = []  # (before, after, kept) of each model check
     for line in lines:
+        held, model = _figures(line, "held-out"), _figures(line, "model")
+        assert (model is None) == (accept == "unit" or held[1] >= held[0])
         if line.endswith("; kept"):
-            held = line.split("held-out ")[1].split(";")[0]
-            before, after = (float(v) for v in held.split(" -> "))
-            assert after < before
+            assert held[1] < held[0]
+            assert model is None or model[1] < model[0]
+        if model is not None:
+            checks.append((*model, line.endswith("; kept")))
+    # each check starts from the model as the earlier units left it
+    for (before, after, kept), (next_before, _, _) in zip(checks, checks[1:]):
+        np.testing.assert_allclose(next_before, after if kept else before, rtol=1e-6)
     out = qa(q, x)
     assert np.isfinite(np.asarray(out)).all()
     assert out.shape == apply_fn(params, x).shape

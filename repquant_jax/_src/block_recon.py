@@ -11,9 +11,14 @@ float model, learn jointly
 
 minimizing the mean squared error of the unit's outputs. With ``qdrop > 0`` each
 activation element skips quantization with that probability during training (QDrop).
-The calibration samples are split: a unit keeps what it learned only if its output
-error on the held-out samples falls, so reconstruction never makes a unit worse on
-data it did not train on.
+The calibration samples are split once: a unit keeps what it learned only if its
+output error on the held-out samples falls and, with ``accept="model"`` (the default),
+so does the whole model's: the quantized model with every earlier unit as decided, this
+unit learned and the later ones at their starting rounding, against the float model's
+outputs. A unit's own error can fall while the model's rises (MiniLM's post-LN blocks,
+whose outputs carry a few channels 10x wider than the rest that dominate a block's
+squared error), so the second check is what keeps reconstruction from making the model
+worse on data it did not train on.
 
 The training loop is one module-level jitted function (`_train`) whose static arguments
 are the unit's program and the hyper-parameters: units of identical structure and shapes
@@ -25,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +64,9 @@ class UnitResult:
         rounding (nearest, or GPTQ's codes with ``weight_rounding="gptq"``) and initial
         scales, and with what was learned.
       held_before, held_after: the same on the held-out samples (None without them).
+      model_before, model_after: the model's output MSE on the judged samples, without
+        and with what this unit learned (None when not checked: ``accept="unit"``, a
+        single unit, or the unit's own error did not fall).
       kept: whether the learned rounding and scales were kept.
     """
 
@@ -68,11 +76,19 @@ class UnitResult:
     held_before: float | None
     held_after: float | None
     kept: bool
+    model_before: float | None = None
+    model_after: float | None = None
 
     def __str__(self) -> str:
         held = "" if self.held_before is None else f", held-out {self.held_before:.3g} -> {self.held_after:.3g}"
-        verdict = "kept" if self.kept else "not kept (held-out error did not fall)"
-        return f"{self.unit.name}: train {self.train_before:.3g} -> {self.train_after:.3g}{held}; {verdict}"
+        model = "" if self.model_before is None else f", model {self.model_before:.3g} -> {self.model_after:.3g}"
+        if self.kept:
+            verdict = "kept"
+        elif self.model_before is None:
+            verdict = "not kept (held-out error did not fall)"
+        else:
+            verdict = "not kept (the model's held-out output error did not fall)"
+        return f"{self.unit.name}: train {self.train_before:.3g} -> {self.train_after:.3g}{held}{model}; {verdict}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -303,6 +319,18 @@ def _split_mask(targets: Sequence[jax.Array], held_out: float, seed: int):
     return jnp.asarray(mask), n_held > 0
 
 
+class _Setup(NamedTuple):
+    """A unit ready to train: its program and data, the weight sites whose rounding and
+    the points whose scale it learns, and the names of all its points (in the order of
+    ``program.points``)."""
+
+    program: _Program
+    data: dict[str, Any]
+    learned_w: tuple[WeightSite, ...]
+    learned_s: tuple[str, ...]
+    point_names: tuple[str, ...]
+
+
 def reconstruct_blocks(
     graph: Graph,
     plan: Plan,
@@ -342,8 +370,12 @@ def reconstruct_blocks(
     activations = dict(qparams.activations)
     results = []
     key = jax.random.key(seed)
+    model = None
+    if config.accept == "model" and len(units) > 1:
+        model = _ModelCheck.build(graph, plan, qparams, shared, start, float_env, config, seed)
     for i, unit in enumerate(units):
-        program, data, learned_w, learned_s = _unit_program(graph, plan, unit, qparams, shared, start)
+        setup = _unit_program(graph, plan, unit, qparams, shared, start)
+        program, data, learned_w, learned_s = setup.program, setup.data, setup.learned_w, setup.learned_s
         f_inputs = [float_env[v] for v in unit.inputs]
         q_inputs = [quant_env[v] for v in unit.inputs]
         k_eval, k_train, key = jax.random.split(key, 3)
@@ -359,7 +391,11 @@ def reconstruct_blocks(
             ],
             "log_scale": [jnp.zeros((), jnp.float32) for _ in learned_s],
         }
-        mask, has_held = _split_mask(targets, config.held_out, seed + i)
+        check = model if model is not None and model.samples_match(targets) else None
+        if check is not None:
+            mask, has_held = check.mask, check.has_held
+        else:
+            mask, has_held = _split_mask(targets, config.held_out, seed + i)
         judge = (1.0 - mask) if has_held else mask
         error = functools.partial(_error, program, data, q_inputs, targets, k_eval)
         before = error(learn, "nearest")
@@ -367,13 +403,23 @@ def reconstruct_blocks(
         if learned_w or learned_s:
             train = functools.partial(_train, program, config)
             learn, after = _learn(train, error, learn, before, data, q_inputs, targets, mask, judge, config, k_train)
+        kept = _masked_mean(after, judge) < _masked_mean(before, judge)
+        model_before = model_after = None
+        if kept and check is not None:
+            candidate = check.with_unit(setup, learn)
+            model_before, model_after = check.judged_error, candidate.judged_error
+            kept = model_after < model_before
+            if kept:
+                model = candidate
         result = UnitResult(
             unit,
             _masked_mean(before, mask),
             _masked_mean(after, mask),
             _masked_mean(before, 1.0 - mask) if has_held else None,
             _masked_mean(after, 1.0 - mask) if has_held else None,
-            _masked_mean(after, judge) < _masked_mean(before, judge),
+            kept,
+            model_before,
+            model_after,
         )
         results.append(result)
         progress(f"reconstructed {result}", i + 1, len(units))
@@ -396,6 +442,82 @@ def reconstruct_blocks(
         quant_env.update(zip(unit.outputs, q_out))
     new_params = params_with_weights(qparams.params, updates)
     return qparams.replace(params=new_params, activations=activations), tuple(results)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelCheck:
+    """The whole model, quantized with what the units decided so far, and its float
+    outputs: judges whether what a unit learned lowers the model's held-out error.
+
+    Attributes:
+      setup: the whole graph as one unit; its data holds the decided roundings (as
+        starting roundings) and activation scales.
+      inputs, targets: the graph's inputs and float outputs over the calibration batches.
+      mask, has_held: the training-sample mask every unit shares, and whether held-out
+        samples exist.
+      key: for the evaluation (unused without QDrop, but an argument of it).
+      judged_error: the model's output MSE on the judged samples.
+    """
+
+    setup: _Setup
+    inputs: list[jax.Array]
+    targets: list[jax.Array]
+    mask: jax.Array
+    has_held: bool
+    key: jax.Array
+    judged_error: float = float("nan")
+
+    @classmethod
+    def build(
+        cls,
+        graph: Graph,
+        plan: Plan,
+        qparams: QParams,
+        shared: Mapping[ValueId, Any],
+        start: Mapping[str, jax.Array],
+        float_env: Mapping[ValueId, jax.Array],
+        config: Reconstruction,
+        seed: int,
+    ) -> _ModelCheck | None:
+        """The check, or None when the model's outputs do not all lead with the batch's
+        samples (a loss, a pooled scalar): then each unit is judged on its own."""
+        (whole,) = find_units(graph, plan, "model")
+        setup = _unit_program(graph, plan, whole, qparams, shared, start)
+        inputs = [float_env[v] for v in whole.inputs]
+        key = jax.random.key(seed)
+        targets = list(_evaluate(setup.program, "float", None, setup.data, inputs, key))
+        if not all(t.ndim > 1 and t.shape[:2] == targets[0].shape[:2] for t in targets):
+            return None
+        mask, has_held = _split_mask(targets, config.held_out, seed)
+        return cls(setup, inputs, targets, mask, has_held, key)._judged()
+
+    def samples_match(self, targets: Sequence[jax.Array]) -> bool:
+        """Whether a unit's outputs have the model outputs' samples (so the units can
+        share its split)."""
+        rows = self.mask.shape
+        return all(t.ndim > 1 and t.shape[:2] == rows for t in targets)
+
+    def _judged(self) -> _ModelCheck:
+        out = _evaluate(self.setup.program, "nearest", None, self.setup.data, self.inputs, self.key)
+        judge = (1.0 - self.mask) if self.has_held else self.mask
+        return dataclasses.replace(self, judged_error=_masked_mean(_per_sample_mse(out, self.targets), judge))
+
+    def with_unit(self, unit: _Setup, learn) -> _ModelCheck:
+        """The check with ``unit``'s learned rounding and scales in place."""
+        model = self.setup
+        starts = list(model.data["starts"])
+        index = {w.name: j for j, w in enumerate(model.learned_w)}
+        for k, w in enumerate(unit.learned_w):
+            base, _ = unit.data["starts"][k]
+            starts[index[w.name]] = (base, (adaround_h(learn["rounding"][k]) >= 0.5).astype(base.dtype))
+        points = list(model.data["points"])
+        where = {n: j for j, n in enumerate(model.point_names)}
+        for k, name in enumerate(unit.learned_s):
+            point = points[where[name]]
+            qp = point["qp"]
+            points[where[name]] = {**point, "qp": qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))}
+        data = {**model.data, "starts": starts, "points": points}
+        return dataclasses.replace(self, setup=model._replace(data=data))._judged()
 
 
 def _learn(train, error, learn, before, data, inputs, targets, mask, judge, config: Reconstruction, key):
@@ -438,8 +560,8 @@ def _unit_program(
     qparams: QParams,
     shared: Mapping[ValueId, Any],
     start: Mapping[str, jax.Array],
-):
-    """The unit's program, its data, and the weight sites and points it learns."""
+) -> _Setup:
+    """The unit's program and data, and the weight sites and points it learns."""
     in_unit = range(unit.start, unit.stop)
     shared_ids = tuple(dict.fromkeys(v for n in in_unit for v in graph.nodes[n].inputs if v in shared))
     defined = {v for n in in_unit for v in graph.nodes[n].outputs} | set(unit.inputs)
@@ -496,4 +618,4 @@ def _unit_program(
         for w in learned_w
     ]
     learned_s = tuple(p.name for p in points if learns_scale(p.name))
-    return program, data, learned_w, learned_s
+    return _Setup(program, data, learned_w, learned_s, tuple(p.name for p in points))

@@ -177,6 +177,12 @@ class Reconstruction:
         training (QDrop); 0 disables it.
       eval_every: block training steps between evaluations on the held-out samples;
         a block keeps the learned state that was best there (early stopping).
+      accept: how a block (or sub-block) is judged on the held-out samples: ``"unit"``
+        keeps what it learned when its own output error falls; ``"model"`` also
+        requires the whole model's output error to fall (earlier units as decided,
+        later ones not yet learned). A block's error can fall while the model's rises:
+        on MiniLM every block's did and the model got worse (experiments/RESULTS.md).
+        Costs one forward pass of the model over the calibration set per unit.
     """
 
     steps: int = 200
@@ -191,6 +197,7 @@ class Reconstruction:
     scale_learning_rate: float = 1e-3
     qdrop: float = 0.0
     eval_every: int = 25
+    accept: Literal["unit", "model"] = "model"
 
     def __post_init__(self):
         if not 0 <= self.held_out < 1:
