@@ -72,6 +72,22 @@ def test_held_out_choice_picks_per_tensor_when_per_channel_overfits_few_rows():
     assert fit.calibrate_values(x, NORM, QuantConfig(range_selection="calibration"), -1, np.arange(8)).axis == -1
 
 
+def test_auto_selection_cross_validates_wide_or_few_row_sites_only():
+    spec8 = dataclasses.replace(NORM, bits=8, granularity="per_tensor")
+    many = _rows(2048, 4, 4)
+    samples = np.arange(2048) // 64
+
+    def fitted(x, spec, selection):
+        return fit.calibrate_values(x, spec, QuantConfig(range_selection=selection), None, samples[: len(x)])
+
+    for spec, x, like in [(spec8, many, "calibration"), (NORM, many, "held_out"), (spec8, many[:512], "held_out")]:
+        auto, same = fitted(x, spec, "auto"), fitted(x, spec, like)
+        np.testing.assert_array_equal(np.asarray(auto.scale), np.asarray(same.scale))
+    # the two rules do differ on these rows, so the equalities above say something
+    assert float(fitted(many, NORM, "held_out").scale) != float(fitted(many, NORM, "calibration").scale)
+    assert float(fitted(many[:512], spec8, "held_out").scale) != float(fitted(many[:512], spec8, "calibration").scale)
+
+
 def test_held_out_choice_is_the_same_with_and_without_jit():
     x = _rows(256, 8, 4, np.linspace(0.1, 3.0, 8, dtype=np.float32))
     samples = np.arange(256) // 16

@@ -3,7 +3,8 @@
 A site's values are kept as a bounded uniform sample (`Reservoir`) across calibration
 chunks and dispatched to the range estimators of `calibration`.
 
-With ``QuantConfig.range_selection == "held_out"`` an activation's range is chosen on
+With ``QuantConfig.range_selection == "held_out"`` (and, by default, ``"auto"`` for
+sites wider than 8 bits or with few rows: `judged_held_out`) an activation's range is chosen on
 calibration samples it was not fitted to (docs/method.md, "Calibration"): the rows are
 dealt into folds by the sample they came from (`held_out_folds`), every candidate range
 of the rule (`range_candidates`) is fitted on all folds but one and judged on that one,
@@ -31,6 +32,7 @@ __all__ = [
     "calibrate_values",
     "calibrate_weight",
     "held_out_folds",
+    "judged_held_out",
     "point_samples",
     "point_values",
     "range_candidates",
@@ -138,6 +140,26 @@ def held_out_folds(samples: np.ndarray, folds: int) -> list[np.ndarray] | None:
     return [position % k == f for f in range(k)]
 
 
+#: ``range_selection="auto"`` cross-validates a site's range above this many bits or
+#: below this many observed rows (`judged_held_out`).
+AUTO_HELD_OUT_BITS = 8
+AUTO_HELD_OUT_ROWS = 1024
+
+
+def judged_held_out(config: QuantConfig, bits: int, values: np.ndarray) -> bool:
+    """Whether a site's range is chosen on held-out samples (``config.range_selection``).
+
+    Example:
+        >>> rows = np.zeros((2048, 4), np.float32)
+        >>> judged_held_out(QuantConfig(), 8, rows), judged_held_out(QuantConfig(), 16, rows)
+        (False, True)
+    """
+    if config.range_selection == "auto":
+        rows = values.shape[0] if values.ndim > 1 else values.size
+        return bits > AUTO_HELD_OUT_BITS or rows < AUTO_HELD_OUT_ROWS
+    return config.range_selection == "held_out"
+
+
 def range_candidates(method: str, config: QuantConfig) -> tuple[cal.Candidate, ...]:
     """The candidate ranges ``"held_out"`` selection judges for a calibration rule."""
     percentiles = (1.0,) if method == "minmax" else cal.DEFAULT_PERCENTILES
@@ -193,7 +215,7 @@ def calibrate_values(
 
     ``samples`` (the calibration sample of every row) enables the held-out choice of
     the range of a uniform ``"minmax"`` or ``"search"`` site under
-    ``config.range_selection == "held_out"``; a per-channel spec may then come back per
+    ``config.range_selection`` (`judged_held_out`); a per-channel spec may then come back per
     tensor (``axis`` None), which `repquant_jax._src.specs.chosen_granularities`
     records in the spec.
     """
@@ -214,7 +236,7 @@ def calibrate_values(
         return (qz.log2 if kind == "log2" else qz.log_sqrt2)(top, bits)
     symmetric = kind == "symmetric"
     folds = None
-    if samples is not None and config.range_selection == "held_out" and method != "percentile":
+    if samples is not None and method != "percentile" and judged_held_out(config, bits, values):
         folds = held_out_folds(samples, config.range_folds)
     if folds is not None:
         # Dropping a norm output's per-channel quantizer (and with it the fold) takes
