@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import zoo
@@ -140,3 +141,15 @@ def test_without_learning_the_model_is_the_repq_vit_one():
         repquant.presets.repq_vit(4, 4, reconstruction=repquant.Reconstruction(granularity="block", steps=0)),
     )
     np.testing.assert_allclose(np.asarray(qb(blocks, x)), np.asarray(qa(base, x)), rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_broadcast_over_the_samples_leave_them_the_unit_of_the_split():
+    # a block that also hands on a causal mask or position tables of leading length 1
+    per_sample, broadcast = jnp.zeros((2, 8, 4)), jnp.zeros((2, 1, 1, 4, 4))
+    assert block_recon._sample_rows([per_sample, broadcast]) == 8
+    mask, has_held = block_recon._split_mask([per_sample, broadcast], 0.25, 0)
+    assert mask.shape == (2, 8) and has_held and float(mask.sum()) == 12
+    assert block_recon._per_sample_mse([per_sample + 1, broadcast], [per_sample, broadcast]).shape == (2, 8)
+    # outputs that disagree: whole batches are the samples
+    assert block_recon._sample_rows([per_sample, jnp.zeros((2, 5))]) is None
+    assert block_recon._split_mask([per_sample, jnp.zeros((2, 5))], 0.5, 0)[0].shape == (2, 1)

@@ -245,12 +245,27 @@ def _run(program: _Program, learn, data, inputs, mode: str, key, qdrop: float = 
     return jax.vmap(one)(inputs, keys)
 
 
+def _sample_rows(targets: Sequence[jax.Array]) -> int | None:
+    """Samples per batch: the common length of the outputs' second axis (the first of a
+    batch), leaving aside outputs of length 1 there (broadcast over the samples: a mask,
+    position tables); None when the outputs disagree or none has such an axis."""
+    lengths = {t.shape[1] for t in targets if t.ndim > 1 and t.shape[1] != 1}
+    if len(lengths) != 1 or any(t.ndim < 2 for t in targets):
+        return None
+    return lengths.pop()
+
+
 def _per_sample_mse(outputs, targets):
-    """``[batches, rows]``: mean squared error per sample (the leading axis of a batch)."""
+    """``[batches, rows]``: mean squared error per sample (the leading axis of a batch;
+    ``[batches, 1]`` when the outputs do not share one, `_sample_rows`)."""
+    per_row = _sample_rows(targets) is not None
     total = 0.0
     for o, t in zip(outputs, targets):
         err = (o.astype(jnp.float32) - t.astype(jnp.float32)) ** 2
-        total = total + err.reshape(err.shape[0], err.shape[1], -1).mean(-1)
+        if per_row:
+            total = total + err.reshape(err.shape[0], err.shape[1], -1).mean(-1)
+        else:
+            total = total + err.reshape(err.shape[0], -1).mean(-1)[:, None]
     return total
 
 
@@ -306,17 +321,14 @@ def compile_count() -> int:
 
 def _split_mask(targets: Sequence[jax.Array], held_out: float, seed: int):
     """Training mask ``[batches, rows]`` and whether held-out samples exist. Samples are
-    the rows of the leading axis of every batch when all outputs share it, else batches."""
-    n_batches, rows = targets[0].shape[0], targets[0].shape[1] if targets[0].ndim > 1 else 1
-    per_row = targets[0].ndim > 1 and all(t.ndim > 1 and t.shape[1] == rows for t in targets)
-    rng = np.random.default_rng(seed)
-    shape = (n_batches, rows if per_row else 1)
+    the rows of the leading axis of every batch when the outputs share it
+    (`_sample_rows`), else batches (``rows`` 1)."""
+    shape = (targets[0].shape[0], _sample_rows(targets) or 1)
     total = shape[0] * shape[1]
     n_held = int(round(total * held_out)) if total > 1 else 0
     mask = np.ones(total, np.float32)
-    mask[rng.choice(total, size=n_held, replace=False)] = 0.0
-    mask = np.broadcast_to(mask.reshape(shape), (n_batches, rows)).copy()
-    return jnp.asarray(mask), n_held > 0
+    mask[np.random.default_rng(seed).choice(total, size=n_held, replace=False)] = 0.0
+    return jnp.asarray(mask.reshape(shape)), n_held > 0
 
 
 class _Setup(NamedTuple):
@@ -411,6 +423,8 @@ def reconstruct_blocks(
             kept = model_after < model_before
             if kept:
                 model = candidate
+        elif kept and model is not None:  # not judged by the model, but later checks start from it
+            model = model.with_unit(setup, learn)
         result = UnitResult(
             unit,
             _masked_mean(before, mask),
@@ -479,14 +493,14 @@ class _ModelCheck:
         config: Reconstruction,
         seed: int,
     ) -> _ModelCheck | None:
-        """The check, or None when the model's outputs do not all lead with the batch's
-        samples (a loss, a pooled scalar): then each unit is judged on its own."""
+        """The check, or None when the model's outputs do not lead with the batch's
+        samples (`_sample_rows`: a loss, a scalar): then each unit is judged on its own."""
         (whole,) = find_units(graph, plan, "model")
         setup = _unit_program(graph, plan, whole, qparams, shared, start)
         inputs = [float_env[v] for v in whole.inputs]
         key = jax.random.key(seed)
         targets = list(_evaluate(setup.program, "float", None, setup.data, inputs, key))
-        if not all(t.ndim > 1 and t.shape[:2] == targets[0].shape[:2] for t in targets):
+        if _sample_rows(targets) is None:
             return None
         mask, has_held = _split_mask(targets, config.held_out, seed)
         return cls(setup, inputs, targets, mask, has_held, key)._judged()
@@ -494,8 +508,7 @@ class _ModelCheck:
     def samples_match(self, targets: Sequence[jax.Array]) -> bool:
         """Whether a unit's outputs have the model outputs' samples (so the units can
         share its split)."""
-        rows = self.mask.shape
-        return all(t.ndim > 1 and t.shape[:2] == rows for t in targets)
+        return (targets[0].shape[0], _sample_rows(targets)) == self.mask.shape
 
     def _judged(self) -> _ModelCheck:
         out = _evaluate(self.setup.program, "nearest", None, self.setup.data, self.inputs, self.key)
