@@ -41,7 +41,7 @@ COMPONENTS = {
     "+ per-channel LN, folded = repq_vit": lambda b: P.repq_vit(b, b),
     "repq_vit, per-channel LN kept unfolded": lambda b: P.repq_vit(b, b, fold_norms=False),
     "repq_vit + dual clipping": lambda b: P.repq_vit(b, b, dual_clipping=repquant.DualClipping()),
-    "repq_vit + reconstruction": lambda b: P.repq_vit(b, b, reconstruction=repquant.Reconstruction()),
+    "repq_vit + reconstruction": lambda b: P.repq_vit(b, b, reconstruction=repquant.Reconstruction()),  # block-wise
     "repquant (both)": lambda b: P.repquant(b, b),
 }
 

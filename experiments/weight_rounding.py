@@ -24,7 +24,7 @@ from common import log, machine, markdown_table
 import repquant_jax as repquant
 
 P = repquant.presets
-BLOCK = repquant.Reconstruction(granularity="block")
+LAYER = repquant.Reconstruction(granularity="layer")
 
 VARIANTS = {
     "repq_vit": lambda b: P.repq_vit(b, b),
@@ -35,10 +35,10 @@ VARIANTS = {
     "repq_vit + gptq (float target, act order)": lambda b: P.repq_vit(
         b, b, weight_rounding="gptq", gptq=repquant.GPTQ(act_order=True)
     ),
-    "repquant (layer-wise, nearest start)": lambda b: P.repquant(b, b),
-    "repquant (layer-wise, gptq start)": lambda b: P.repquant(b, b, weight_rounding="gptq"),
-    "repquant, block-wise (nearest start)": lambda b: P.repquant(b, b, reconstruction=BLOCK),
-    "repquant, block-wise (gptq start)": lambda b: P.repquant(b, b, weight_rounding="gptq", reconstruction=BLOCK),
+    "repquant (layer-wise, nearest start)": lambda b: P.repquant(b, b, reconstruction=LAYER),
+    "repquant (layer-wise, gptq start)": lambda b: P.repquant(b, b, weight_rounding="gptq", reconstruction=LAYER),
+    "repquant, block-wise (nearest start)": lambda b: P.repquant(b, b),
+    "repquant, block-wise (gptq start)": lambda b: P.repquant(b, b, weight_rounding="gptq"),
 }
 
 _KEPT = re.compile(r"(\d+)/(\d+) columns kept GPTQ's codes")

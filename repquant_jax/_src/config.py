@@ -142,10 +142,13 @@ class GPTQ:
 class Reconstruction:
     """Weight rounding reconstruction after the fold (AdaRound-style, docs/method.md).
 
-    With ``granularity="layer"`` each weight matmul, in forward order, learns whether to
-    round every weight up or down so that its output on the quantized model's inputs
-    matches the float model's; with ``"block"`` a transformer block does so for all its
-    matmuls at once, together with its activation scales.
+    With ``granularity="block"`` (the default) each transformer block, in forward order,
+    learns jointly whether to round every weight of its matmuls up or down and the scales
+    of its activation quantizers, so that its output on the quantized model's inputs
+    matches the float model's; with ``"layer"`` each weight matmul learns its rounding
+    alone. Block-wise with the model's check (``accept="model"``) was at least as good
+    as layer-wise on the ViT, the tiny LLaMA and MiniLM
+    (experiments/results/block_reconstruction.md), and costs more time.
     It fits the calibration data closely: calibrate on inputs like those of inference
     (for text, the same sequence lengths; MiniLM calibrated on 64-token truncations and
     evaluated on documents of up to 160 tokens got worse with it, see
@@ -157,7 +160,7 @@ class Reconstruction:
       reg_weight: weight of the regularizer pushing the soft rounding to 0 or 1.
       beta_start, beta_end: annealing range of the regularizer's exponent.
       warmup: fraction of steps without the regularizer.
-      max_rows: calibration tokens sampled per site for the loss.
+      max_rows: calibration tokens sampled per site for the loss (layer-wise).
       held_out: tokens kept out of training, as a fraction of ``max_rows`` (when the
         calibration data has them): each output column keeps its learned rounding only
         if that lowers the column's error on them, so that overfitting falls back to
@@ -171,7 +174,8 @@ class Reconstruction:
         block. ``"model"``: the whole graph as one unit, matching the model's outputs
         (as much memory as the graph's activations; on MiniLM, whose block outputs
         carry a few huge channels that dominate a block's squared error, it beat
-        ``"block"``: experiments/RESULTS.md).
+        block-wise with ``accept="unit"``; on the ViT and the LLaMA it was worse than
+        block-wise: experiments/results/block_reconstruction.md).
       scale_learning_rate: Adam learning rate on the log activation scales (blocks).
       qdrop: probability that an activation element skips quantization during block
         training (QDrop); 0 disables it.
@@ -193,7 +197,7 @@ class Reconstruction:
     warmup: float = 0.2
     max_rows: int = 1024
     held_out: float = 0.25
-    granularity: Literal["layer", "block", "sub_block", "model"] = "layer"
+    granularity: Literal["layer", "block", "sub_block", "model"] = "block"
     scale_learning_rate: float = 1e-3
     qdrop: float = 0.0
     eval_every: int = 25
