@@ -44,7 +44,7 @@ from repquant_jax._src.gptq import soft_start, start_rounding
 from repquant_jax._src.graph import Graph
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, offset_rewrite, point_hook
 from repquant_jax._src.interpret import Hooks, evaluate_range, shared_values
-from repquant_jax._src.learn import adaround_h, adaround_logits, rounding_regularizer
+from repquant_jax._src.learn import _compiled, adaround_h, adaround_logits, rounding_regularizer
 from repquant_jax._src.param_edits import params_with_weights
 from repquant_jax._src.sites import Plan, WeightSite
 from repquant_jax._src.state import QParams
@@ -370,7 +370,20 @@ def reconstruct_blocks(
       ``(qparams, results)``: weights on their learned grids, learned activation
       scales, and one `UnitResult` per unit.
     """
-    start = start or {}
+    with _compiled():  # jitted in both modes, so the result does not depend on jax.disable_jit
+        return _reconstruct_blocks(graph, plan, qparams, batch_leaves, config, seed, progress, start or {})
+
+
+def _reconstruct_blocks(
+    graph: Graph,
+    plan: Plan,
+    qparams: QParams,
+    batch_leaves: Sequence[Sequence[Any]],
+    config: Reconstruction,
+    seed: int,
+    progress: Callable[..., None],
+    start: Mapping[str, jax.Array],
+) -> tuple[QParams, tuple[UnitResult, ...]]:
     if config.granularity == "model":
         units = find_units(graph, plan, "model")
     else:
