@@ -331,6 +331,18 @@ def _split_mask(targets: Sequence[jax.Array], held_out: float, seed: int):
     return jnp.asarray(mask.reshape(shape)), n_held > 0
 
 
+def _always_compiled(fn):
+    """``fn`` with every jitted call inside it compiled under ``jax.disable_jit`` too
+    (`learn._compiled`), so that its result does not depend on the jit mode."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _compiled():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 class _Setup(NamedTuple):
     """A unit ready to train: its program and data, the weight sites whose rounding and
     the points whose scale it learns, and the names of all its points (in the order of
@@ -343,6 +355,7 @@ class _Setup(NamedTuple):
     point_names: tuple[str, ...]
 
 
+@_always_compiled
 def reconstruct_blocks(
     graph: Graph,
     plan: Plan,
@@ -371,96 +384,91 @@ def reconstruct_blocks(
       scales, and one `UnitResult` per unit.
     """
     start = start or {}
-    with _compiled():  # jitted in both modes, so the result does not depend on jax.disable_jit
-        if config.granularity == "model":
-            units = find_units(graph, plan, "model")
-        else:
-            units = plan.sub_blocks if config.granularity == "sub_block" else plan.blocks
-        shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
-        float_env = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
-        quant_env = dict(float_env)
-        updates: list[tuple[WeightSite, Any]] = []
-        activations = dict(qparams.activations)
-        results = []
-        key = jax.random.key(seed)
-        model = None
-        if config.accept == "model" and len(units) > 1:
-            model = _ModelCheck.build(graph, plan, qparams, shared, start, float_env, config, seed)
-        for i, unit in enumerate(units):
-            setup = _unit_program(graph, plan, unit, qparams, shared, start)
-            program, data, learned_w, learned_s = setup.program, setup.data, setup.learned_w, setup.learned_s
-            f_inputs = [float_env[v] for v in unit.inputs]
-            q_inputs = [quant_env[v] for v in unit.inputs]
-            k_eval, k_train, key = jax.random.split(key, 3)
-            targets = _evaluate(program, "float", None, data, f_inputs, k_eval)
-            learn = {
-                "rounding": [
-                    adaround_logits(soft_start(weight_matrix(operand, w.contracting), qp, base, h0))
-                    if w.name in start
-                    else _init_rounding(operand, qp, w.contracting)
-                    for w, (operand, qp), (base, h0) in zip(
-                        learned_w, _learned_operands(graph, learned_w, shared, qparams), data["starts"]
-                    )
-                ],
-                "log_scale": [jnp.zeros((), jnp.float32) for _ in learned_s],
-            }
-            check = model if model is not None and model.samples_match(targets) else None
-            if check is not None:
-                mask, has_held = check.mask, check.has_held
-            else:
-                mask, has_held = _split_mask(targets, config.held_out, seed + i)
-            judge = (1.0 - mask) if has_held else mask
-            error = functools.partial(_error, program, data, q_inputs, targets, k_eval)
-            before = error(learn, "nearest")
-            after = before
-            if learned_w or learned_s:
-                train = functools.partial(_train, program, config)
-                learn, after = _learn(
-                    train, error, learn, before, data, q_inputs, targets, mask, judge, config, k_train
+    if config.granularity == "model":
+        units = find_units(graph, plan, "model")
+    else:
+        units = plan.sub_blocks if config.granularity == "sub_block" else plan.blocks
+    shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
+    float_env = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
+    quant_env = dict(float_env)
+    updates: list[tuple[WeightSite, Any]] = []
+    activations = dict(qparams.activations)
+    results = []
+    key = jax.random.key(seed)
+    model = None
+    if config.accept == "model" and len(units) > 1:
+        model = _ModelCheck.build(graph, plan, qparams, shared, start, float_env, config, seed)
+    for i, unit in enumerate(units):
+        setup = _unit_program(graph, plan, unit, qparams, shared, start)
+        program, data, learned_w, learned_s = setup.program, setup.data, setup.learned_w, setup.learned_s
+        f_inputs = [float_env[v] for v in unit.inputs]
+        q_inputs = [quant_env[v] for v in unit.inputs]
+        k_eval, k_train, key = jax.random.split(key, 3)
+        targets = _evaluate(program, "float", None, data, f_inputs, k_eval)
+        learn = {
+            "rounding": [
+                adaround_logits(soft_start(weight_matrix(operand, w.contracting), qp, base, h0))
+                if w.name in start
+                else _init_rounding(operand, qp, w.contracting)
+                for w, (operand, qp), (base, h0) in zip(
+                    learned_w, _learned_operands(graph, learned_w, shared, qparams), data["starts"]
                 )
-            kept = _masked_mean(after, judge) < _masked_mean(before, judge)
-            model_before = model_after = None
-            if kept and check is not None:
-                candidate = check.with_unit(setup, learn)
-                model_before, model_after = check.judged_error, candidate.judged_error
-                kept = model_after < model_before
-                if kept:
-                    model = candidate
-            elif kept and model is not None:  # not judged by the model, but later checks start from it
-                model = model.with_unit(setup, learn)
-            result = UnitResult(
-                unit,
-                _masked_mean(before, mask),
-                _masked_mean(after, mask),
-                _masked_mean(before, 1.0 - mask) if has_held else None,
-                _masked_mean(after, 1.0 - mask) if has_held else None,
-                kept,
-                model_before,
-                model_after,
-            )
-            results.append(result)
-            progress(f"reconstructed {result}", i + 1, len(units))
-            for k, (w, (operand, qp)) in enumerate(
-                zip(learned_w, _learned_operands(graph, learned_w, shared, qparams))
-            ):
-                base, h0 = data["starts"][k]
-                if result.kept:
-                    rounding = (adaround_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
-                elif w.name in start:  # the starting codes stay (in float, nearest would)
-                    rounding = h0.astype(operand.dtype)
-                else:
-                    continue
-                updates.append((w, np.asarray(_rounded(operand, qp, w.contracting, rounding, base))))
+            ],
+            "log_scale": [jnp.zeros((), jnp.float32) for _ in learned_s],
+        }
+        check = model if model is not None and model.samples_match(targets) else None
+        if check is not None:
+            mask, has_held = check.mask, check.has_held
+        else:
+            mask, has_held = _split_mask(targets, config.held_out, seed + i)
+        judge = (1.0 - mask) if has_held else mask
+        error = functools.partial(_error, program, data, q_inputs, targets, k_eval)
+        before = error(learn, "nearest")
+        after = before
+        if learned_w or learned_s:
+            train = functools.partial(_train, program, config)
+            learn, after = _learn(train, error, learn, before, data, q_inputs, targets, mask, judge, config, k_train)
+        kept = _masked_mean(after, judge) < _masked_mean(before, judge)
+        model_before = model_after = None
+        if kept and check is not None:
+            candidate = check.with_unit(setup, learn)
+            model_before, model_after = check.judged_error, candidate.judged_error
+            kept = model_after < model_before
+            if kept:
+                model = candidate
+        elif kept and model is not None:  # not judged by the model, but later checks start from it
+            model = model.with_unit(setup, learn)
+        result = UnitResult(
+            unit,
+            _masked_mean(before, mask),
+            _masked_mean(after, mask),
+            _masked_mean(before, 1.0 - mask) if has_held else None,
+            _masked_mean(after, 1.0 - mask) if has_held else None,
+            kept,
+            model_before,
+            model_after,
+        )
+        results.append(result)
+        progress(f"reconstructed {result}", i + 1, len(units))
+        for k, (w, (operand, qp)) in enumerate(zip(learned_w, _learned_operands(graph, learned_w, shared, qparams))):
+            base, h0 = data["starts"][k]
             if result.kept:
-                for k, n in enumerate(learned_s):
-                    qp = activations[n]
-                    activations[n] = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
-            # the next unit reads this unit's outputs: float targets, quantized (learned) ones
-            q_out = _evaluate(program, "hard" if result.kept else "nearest", learn, data, q_inputs, k_eval)
-            float_env.update(zip(unit.outputs, targets))
-            quant_env.update(zip(unit.outputs, q_out))
-        new_params = params_with_weights(qparams.params, updates)
-        return qparams.replace(params=new_params, activations=activations), tuple(results)
+                rounding = (adaround_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
+            elif w.name in start:  # the starting codes stay (in float, nearest would)
+                rounding = h0.astype(operand.dtype)
+            else:
+                continue
+            updates.append((w, np.asarray(_rounded(operand, qp, w.contracting, rounding, base))))
+        if result.kept:
+            for k, n in enumerate(learned_s):
+                qp = activations[n]
+                activations[n] = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
+        # the next unit reads this unit's outputs: float targets, quantized (learned) ones
+        q_out = _evaluate(program, "hard" if result.kept else "nearest", learn, data, q_inputs, k_eval)
+        float_env.update(zip(unit.outputs, targets))
+        quant_env.update(zip(unit.outputs, q_out))
+    new_params = params_with_weights(qparams.params, updates)
+    return qparams.replace(params=new_params, activations=activations), tuple(results)
 
 
 @dataclasses.dataclass(frozen=True)
