@@ -91,7 +91,7 @@ def _figures(line: str, label: str) -> tuple[float, float] | None:
 def test_blocks_are_never_kept_worse_on_held_out_samples(accept):
     apply_fn, params, x = _deep_plain(2)
     calib = [x * (1.0 + 0.1 * i) for i in range(2)]
-    q, qa = repquant.transform(apply_fn, params, calib, _block_config(steps=60, accept=accept))
+    q, qa = repquant.transform(apply_fn, params, calib, _block_config(steps=30, accept=accept))
     lines = [n for n in qa.report.notes if n.startswith("reconstruction block")]
     assert len(lines) == 2
     checks = []  # (before, after, kept) of each model check
