@@ -115,32 +115,36 @@ def comparison_args(description: str, variants, bits: list[int], out: str) -> ar
     return parser.parse_args()
 
 
-def main() -> None:
-    args = comparison_args(__doc__.splitlines()[0], VARIANTS, [4, 3], "block_reconstruction.md")
+def write_comparison(args, script: str, title: str, note: str, variants, detail, detail_header: str) -> None:
+    """Runs ``variants`` on each of ``args.models`` (`run_model`) and writes the table to
+    ``args.out``, rewritten after each model so that a long run keeps what it has."""
+    command = f"python experiments/{script} --models {' '.join(args.models)} --bits {' '.join(map(str, args.bits))}"
+    if set(args.variants) != set(variants):
+        command += " --variants " + " ".join(f'"{v}"' for v in args.variants)
     descriptions, rows = [], []
     for name in args.models:
-        description, model_rows = run_model(name, args)
+        description, model_rows = run_model(name, args, variants, detail)
         descriptions.append(description)
         rows += model_rows
-    table = markdown_table(
-        ["model", "bits", "method", "metric", "gap closure", "transform (s, median)", "blocks kept per draw"], rows
-    )
-    command = f"python experiments/block_reconstruction.py --models {' '.join(args.models)} --bits " + " ".join(
-        map(str, args.bits)
-    )
-    text = (
-        "# Block-wise reconstruction\n\n"
-        f"`{command} --draws {args.draws}` on {machine()}. {args.draws} calibration draws (the same for every "
-        "row); gap closure = (method − repq_vit) / (float − repq_vit) of the mean.\n\n"
-        + "\n".join(descriptions)
-        + "\n\n"
-        + table
-        + "\n"
-    )
-    with open(args.out, "w") as f:
-        f.write(text)
+        table = markdown_table(
+            ["model", "bits", "method", "metric", "gap closure", "transform (s, median)", detail_header], rows
+        )
+        text = (
+            f"# {title}\n\n`{command} --draws {args.draws}` on {machine()}. {args.draws} calibration draws (the "
+            "same for every row); gap closure = (method − repq_vit) / (float − repq_vit) of the mean"
+            f"{note}.\n\n" + "\n".join(descriptions) + "\n\n" + table + "\n"
+        )
+        with open(args.out, "w") as f:
+            f.write(text)
     print(text)
     log(f"wrote {args.out}")
+
+
+def main() -> None:
+    args = comparison_args(__doc__.splitlines()[0], VARIANTS, [4, 3], "block_reconstruction.md")
+    write_comparison(
+        args, "block_reconstruction.py", "Block-wise reconstruction", "", VARIANTS, kept_units, "blocks kept per draw"
+    )
 
 
 if __name__ == "__main__":

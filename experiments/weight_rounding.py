@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import re
 
-from block_reconstruction import comparison_args, run_model
-from common import log, machine, markdown_table
+from block_reconstruction import comparison_args, write_comparison
 
 import repquant_jax as repquant
 
@@ -56,29 +55,16 @@ def gptq_columns(report: repquant.TransformReport) -> str:
 
 def main() -> None:
     args = comparison_args(__doc__.splitlines()[0], VARIANTS, [4], "weight_rounding.md")
-    descriptions, rows = [], []
-    command = f"python experiments/weight_rounding.py --models {' '.join(args.models)} --bits " + " ".join(
-        map(str, args.bits)
+    write_comparison(
+        args,
+        "weight_rounding.py",
+        "Weight rounding: nearest vs GPTQ, alone and as AdaRound's start",
+        "; the last column is the share of output columns per draw that kept GPTQ's codes (the others kept "
+        "nearest rounding, better for them on the judged calibration rows)",
+        VARIANTS,
+        gptq_columns,
+        "columns on GPTQ codes",
     )
-    for name in args.models:  # the file is rewritten after each model, so a long run keeps what it has
-        description, model_rows = run_model(name, args, VARIANTS, gptq_columns)
-        descriptions.append(description)
-        rows += model_rows
-        table = markdown_table(
-            ["model", "bits", "method", "metric", "gap closure", "transform (s, median)", "columns on GPTQ codes"],
-            rows,
-        )
-        text = (
-            "# Weight rounding: nearest vs GPTQ, alone and as AdaRound's start\n\n"
-            f"`{command} --draws {args.draws}` on {machine()}. {args.draws} calibration draws (the same for every "
-            "row); gap closure = (method − repq_vit) / (float − repq_vit) of the mean; the last column is the "
-            "share of output columns per draw that kept GPTQ's codes (the others kept nearest rounding, better "
-            "for them on the judged calibration rows).\n\n" + "\n".join(descriptions) + "\n\n" + table + "\n"
-        )
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
-    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,16 @@ def _nearest(operand, qp, contracting):
     return (jnp.round(rest) - jnp.floor(rest)).astype(matrix.dtype)
 
 
+def _hard_rounding(learn, k: int, dtype) -> jax.Array:
+    """The learned rounding offsets (0 or 1) of the ``k``-th learned weight."""
+    return (adaround_h(learn["rounding"][k]) >= 0.5).astype(dtype)
+
+
+def _learned_scale(qp: qz.QuantParams, learn, k: int) -> qz.QuantParams:
+    """``qp`` with the ``k``-th learned activation scale factor applied."""
+    return qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
+
+
 def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hooks:
     """The unit's hooks from ``data``: ``mode`` ``"soft"`` (training), ``"hard"``
     (learned, rounded), ``"nearest"`` (before learning: the starting rounding, nearest
@@ -186,8 +196,7 @@ def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hook
         qp = None if mode == "float" else point["qp"]
         if program.learned_points[k]:
             if mode not in ("nearest", "float"):
-                learned = point["qp"]
-                qp = learned.replace(scale=learned.scale * jnp.exp(learn["log_scale"][scale_index]))
+                qp = _learned_scale(point["qp"], learn, scale_index)
             scale_index += 1
         values[vid] = functools.partial(
             _point, qp, point["scale"], point["offset"], qdrop if mode == "soft" else 0.0, jax.random.fold_in(key, k)
@@ -197,9 +206,10 @@ def _hooks(program: _Program, learn, data, mode: str, key, qdrop: float) -> Hook
         rounding, base = None, None
         if program.learned_weights[k]:
             base, start = data["starts"][rounding_index]
-            if mode in ("soft", "hard"):
-                h = adaround_h(learn["rounding"][rounding_index])
-                rounding = h if mode == "soft" else (h >= 0.5).astype(jnp.float32)
+            if mode == "soft":
+                rounding = adaround_h(learn["rounding"][rounding_index])
+            elif mode == "hard":
+                rounding = _hard_rounding(learn, rounding_index, jnp.float32)
             else:
                 rounding = start
             rounding_index += 1
@@ -453,7 +463,7 @@ def reconstruct_blocks(
         for k, (w, (operand, qp)) in enumerate(zip(learned_w, _learned_operands(graph, learned_w, shared, qparams))):
             base, h0 = data["starts"][k]
             if result.kept:
-                rounding = (adaround_h(learn["rounding"][k]) >= 0.5).astype(operand.dtype)
+                rounding = _hard_rounding(learn, k, operand.dtype)
             elif w.name in start:  # the starting codes stay (in float, nearest would)
                 rounding = h0.astype(operand.dtype)
             else:
@@ -461,8 +471,7 @@ def reconstruct_blocks(
             updates.append((w, np.asarray(_rounded(operand, qp, w.contracting, rounding, base))))
         if result.kept:
             for k, n in enumerate(learned_s):
-                qp = activations[n]
-                activations[n] = qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))
+                activations[n] = _learned_scale(activations[n], learn, k)
         # the next unit reads this unit's outputs: float targets, quantized (learned) ones
         q_out = _evaluate(program, "hard" if result.kept else "nearest", learn, data, q_inputs, k_eval)
         float_env.update(zip(unit.outputs, targets))
@@ -535,13 +544,12 @@ class _ModelCheck:
         index = {w.name: j for j, w in enumerate(model.learned_w)}
         for k, w in enumerate(unit.learned_w):
             base, _ = unit.data["starts"][k]
-            starts[index[w.name]] = (base, (adaround_h(learn["rounding"][k]) >= 0.5).astype(base.dtype))
+            starts[index[w.name]] = (base, _hard_rounding(learn, k, base.dtype))
         points = list(model.data["points"])
         where = {n: j for j, n in enumerate(model.point_names)}
         for k, name in enumerate(unit.learned_s):
             point = points[where[name]]
-            qp = point["qp"]
-            points[where[name]] = {**point, "qp": qp.replace(scale=qp.scale * jnp.exp(learn["log_scale"][k]))}
+            points[where[name]] = {**point, "qp": _learned_scale(point["qp"], learn, k)}
         data = {**model.data, "starts": starts, "points": points}
         return dataclasses.replace(self, setup=model._replace(data=data))._judged()
 
