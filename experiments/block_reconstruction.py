@@ -3,8 +3,9 @@
 Rows: repq_vit, and repquant with layer-wise reconstruction
 (`Reconstruction(granularity="layer")`), its default block-wise reconstruction (a block
 keeps what it learned only if its own and the model's held-out error fall), block-wise
-judged on the block's error alone (`accept="unit"`), with QDrop, and with the whole
-model as one unit (`granularity="model"`). Cells: the model's
+judged on the block's error alone (`accept="unit"`), with dual clipping judged by its
+own error (`DualClipping(accept="unit")`), with QDrop, and with the whole model as one
+unit (`granularity="model"`). Cells: the model's
 metric as mean ± std over calibration draws (the models and metrics of `ptq_table.py`:
 ViT top-1, tiny LLaMA perplexity per byte, MiniLM cosine to the float embeddings),
 the gap closure (method − repq_vit) / (float − repq_vit), the median transform time, and
@@ -36,6 +37,9 @@ VARIANTS = {
     "repquant, layer-wise": lambda b: P.repquant(b, b, reconstruction=R(granularity="layer")),
     "repquant, block-wise (the default)": lambda b: P.repquant(b, b),
     "repquant, block-wise, unit acceptance": lambda b: P.repquant(b, b, reconstruction=R(accept="unit")),
+    "repquant, dual clipping judged by its own error": lambda b: P.repquant(
+        b, b, dual_clipping=repquant.DualClipping(accept="unit")
+    ),
     "repquant, block-wise + QDrop 0.5": lambda b: P.repquant(b, b, reconstruction=R(qdrop=0.5)),
     "repquant, whole model as one unit": lambda b: P.repquant(b, b, reconstruction=R(granularity="model")),
 }

@@ -14,6 +14,7 @@ import zoo
 import repquant_jax as repquant
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src import stages
+from repquant_jax._src.block_recon import ModelCheck
 from repquant_jax._src.fold import weight_matrix
 from repquant_jax._src.interpret import Hooks, evaluate_batches
 from repquant_jax._src.specs import calibration_rows, resolve_specs
@@ -98,6 +99,34 @@ def test_learn_clipping_changes_only_norm_quantizers(vit):
     changed = {n for n in state.activations if after.activations[n] is not state.activations[n]}
     assert changed <= set(state.clipping_rows)
     assert after.weights == state.weights
+
+
+def test_dual_clipping_learns_on_training_samples_and_keeps_what_lowers_the_models_held_out_error(vit):
+    config = P.repquant(4, 4)  # accept="model"
+    traced, state = _calibrated(vit, config)
+    # 2 batches of 4 samples of 8 tokens; a quarter of the samples is held out
+    assert all(c.held_out_excluded and c.rows.shape[0] == 6 * 8 for c in state.clipping_rows.values())
+    after = stages.learn_clipping(traced, state, config, _quiet)
+    assert len(after.clipping) == len(state.clipping_rows)
+    check = ModelCheck.build(
+        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config.dual_clipping.held_out, config.seed
+    )
+    for point, line in zip(state.clipping_rows, after.clipping):
+        if after.activations[point] is state.activations[point]:
+            assert "not kept" in line
+            continue
+        assert line.endswith("; kept")
+        candidate = check.with_activation(point, after.activations[point])
+        assert candidate.judged_error < check.judged_error  # replayed in forward order
+        check = candidate
+
+
+def test_dual_clipping_judged_by_its_own_error_learns_on_every_sample(vit):
+    config = P.repquant(4, 4, dual_clipping=repquant.DualClipping(accept="unit"))
+    traced, state = _calibrated(vit, config)
+    assert all(not c.held_out_excluded and c.rows.shape[0] == 8 * 8 for c in state.clipping_rows.values())
+    after = stages.learn_clipping(traced, state, config, _quiet)
+    assert all("model" not in line for line in after.clipping)
 
 
 def test_fold_norms_keeps_the_float_function(vit):

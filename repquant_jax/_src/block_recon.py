@@ -44,14 +44,14 @@ from repquant_jax._src.gptq import soft_start, start_rounding
 from repquant_jax._src.graph import Graph
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, offset_rewrite, point_hook
 from repquant_jax._src.interpret import Hooks, evaluate_range, shared_values
-from repquant_jax._src.learn import _compiled, adaround_h, adaround_logits, rounding_regularizer
+from repquant_jax._src.learn import adaround_h, adaround_logits, always_compiled, rounding_regularizer
 from repquant_jax._src.param_edits import params_with_weights
 from repquant_jax._src.sites import Plan, WeightSite
 from repquant_jax._src.state import QParams
 from repquant_jax._src.types import NodeId, ValueId
 from repquant_jax._src.units import Unit, find_units
 
-__all__ = ["UnitResult", "reconstruct_blocks", "compile_count"]
+__all__ = ["UnitResult", "ModelCheck", "reconstruct_blocks", "compile_count", "held_out_samples"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +255,7 @@ def _run(program: _Program, learn, data, inputs, mode: str, key, qdrop: float = 
     return jax.vmap(one)(inputs, keys)
 
 
-def _sample_rows(targets: Sequence[jax.Array]) -> int | None:
+def _sample_rows(targets: Sequence[Any]) -> int | None:
     """Samples per batch: the common length of the outputs' second axis (the first of a
     batch), leaving aside outputs of length 1 there (broadcast over the samples: a mask,
     position tables); None when the outputs disagree or none has such an axis."""
@@ -329,10 +329,10 @@ def compile_count() -> int:
     return _train._cache_size()  # type: ignore[attr-defined]  # jit's private cache counter
 
 
-def _split_mask(targets: Sequence[jax.Array], held_out: float, seed: int):
+def _split_mask(targets: Sequence[Any], held_out: float, seed: int):
     """Training mask ``[batches, rows]`` and whether held-out samples exist. Samples are
     the rows of the leading axis of every batch when the outputs share it
-    (`_sample_rows`), else batches (``rows`` 1)."""
+    (`_sample_rows`), else batches (``rows`` 1). Depends on the outputs' shapes only."""
     shape = (targets[0].shape[0], _sample_rows(targets) or 1)
     total = shape[0] * shape[1]
     n_held = int(round(total * held_out)) if total > 1 else 0
@@ -341,16 +341,16 @@ def _split_mask(targets: Sequence[jax.Array], held_out: float, seed: int):
     return jnp.asarray(mask.reshape(shape)), n_held > 0
 
 
-def _always_compiled(fn):
-    """``fn`` with every jitted call inside it compiled under ``jax.disable_jit`` too
-    (`learn._compiled`), so that its result does not depend on the jit mode."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with _compiled():
-            return fn(*args, **kwargs)
-
-    return wrapped
+def held_out_samples(graph: Graph, plan: Plan, batches: int, held_out: float, seed: int) -> np.ndarray | None:
+    """``[batches, rows]``: True for the calibration samples `ModelCheck` judges on
+    (the same split, from the model's output shapes); None when the model's outputs do
+    not lead with the samples or nothing is held out."""
+    (whole,) = find_units(graph, plan, "model")
+    outputs = [jax.ShapeDtypeStruct((batches, *graph.avals[v].shape), graph.avals[v].dtype) for v in whole.outputs]
+    if _sample_rows(outputs) is None:
+        return None
+    mask, has_held = _split_mask(outputs, held_out, seed)
+    return np.asarray(mask) == 0 if has_held else None
 
 
 class _Setup(NamedTuple):
@@ -365,7 +365,7 @@ class _Setup(NamedTuple):
     point_names: tuple[str, ...]
 
 
-@_always_compiled
+@always_compiled
 def reconstruct_blocks(
     graph: Graph,
     plan: Plan,
@@ -407,7 +407,7 @@ def reconstruct_blocks(
     key = jax.random.key(seed)
     model = None
     if config.accept == "model" and len(units) > 1:
-        model = _ModelCheck.build(graph, plan, qparams, shared, start, float_env, config, seed)
+        model = ModelCheck.build(graph, plan, qparams, batch_leaves, config.held_out, seed, start)
     for i, unit in enumerate(units):
         setup = _unit_program(graph, plan, unit, qparams, shared, start)
         program, data, learned_w, learned_s = setup.program, setup.data, setup.learned_w, setup.learned_s
@@ -481,7 +481,7 @@ def reconstruct_blocks(
 
 
 @dataclasses.dataclass(frozen=True)
-class _ModelCheck:
+class ModelCheck:
     """The whole model, quantized with what the units decided so far, and its float
     outputs: judges whether what a unit learned lowers the model's held-out error.
 
@@ -509,22 +509,26 @@ class _ModelCheck:
         graph: Graph,
         plan: Plan,
         qparams: QParams,
-        shared: Mapping[ValueId, Any],
-        start: Mapping[str, jax.Array],
-        float_env: Mapping[ValueId, jax.Array],
-        config: Reconstruction,
+        batch_leaves: Sequence[Sequence[Any]],
+        held_out: float,
         seed: int,
-    ) -> _ModelCheck | None:
-        """The check, or None when the model's outputs do not lead with the batch's
-        samples (`_sample_rows`: a loss, a scalar): then each unit is judged on its own."""
+        start: Mapping[str, jax.Array] | None = None,
+    ) -> ModelCheck | None:
+        """The check of the model in ``qparams`` (weights at their starting rounding:
+        nearest, or ``start``'s codes) on the calibration batches, with ``held_out`` of
+        the samples judged (`held_out_samples`); None when the model's outputs do not
+        lead with the batch's samples (a loss, a scalar): then each unit is judged on
+        its own."""
         (whole,) = find_units(graph, plan, "model")
-        setup = _unit_program(graph, plan, whole, qparams, shared, start)
-        inputs = [float_env[v] for v in whole.inputs]
+        shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
+        setup = _unit_program(graph, plan, whole, qparams, shared, start or {})
+        stacked = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
+        inputs = [stacked[v] for v in whole.inputs]
         key = jax.random.key(seed)
         targets = list(_evaluate(setup.program, "float", None, setup.data, inputs, key))
         if _sample_rows(targets) is None:
             return None
-        mask, has_held = _split_mask(targets, config.held_out, seed)
+        mask, has_held = _split_mask(targets, held_out, seed)
         return cls(setup, inputs, targets, mask, has_held, key)._judged()
 
     def samples_match(self, targets: Sequence[jax.Array]) -> bool:
@@ -532,12 +536,20 @@ class _ModelCheck:
         share its split)."""
         return (targets[0].shape[0], _sample_rows(targets)) == self.mask.shape
 
-    def _judged(self) -> _ModelCheck:
+    def _judged(self) -> ModelCheck:
         out = _evaluate(self.setup.program, "nearest", None, self.setup.data, self.inputs, self.key)
         judge = (1.0 - self.mask) if self.has_held else self.mask
         return dataclasses.replace(self, judged_error=_masked_mean(_per_sample_mse(out, self.targets), judge))
 
-    def with_unit(self, unit: _Setup, learn) -> _ModelCheck:
+    def with_activation(self, name: str, qp: qz.QuantParams) -> ModelCheck:
+        """The check with point ``name`` quantized by ``qp`` (of the same form)."""
+        model = self.setup
+        points = list(model.data["points"])
+        k = model.point_names.index(name)
+        points[k] = {**points[k], "qp": qp}
+        return dataclasses.replace(self, setup=model._replace(data={**model.data, "points": points}))._judged()
+
+    def with_unit(self, unit: _Setup, learn) -> ModelCheck:
         """The check with ``unit``'s learned rounding and scales in place."""
         model = self.setup
         starts = list(model.data["starts"])

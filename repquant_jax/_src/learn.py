@@ -14,6 +14,7 @@ judged on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -43,6 +44,18 @@ def _compiled():
     in both modes).
     """
     return jax.disable_jit(False)
+
+
+def always_compiled(fn):
+    """``fn`` with every jitted call inside it compiled under ``jax.disable_jit`` too
+    (`_compiled`), so that its result does not depend on the jit mode."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _compiled():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _round_ste(x):

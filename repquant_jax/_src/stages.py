@@ -23,7 +23,7 @@ import numpy as np
 
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.adapters import check_reads_params
-from repquant_jax._src.block_recon import reconstruct_blocks
+from repquant_jax._src.block_recon import ModelCheck, held_out_samples, reconstruct_blocks
 from repquant_jax._src.config import QuantConfig, SiteSpec
 from repquant_jax._src.fit import (
     Reservoir,
@@ -39,12 +39,12 @@ from repquant_jax._src.gptq import dequantized_view, gptq_round
 from repquant_jax._src.graph import trace
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, quant_hooks, weight_operand_hook
 from repquant_jax._src.interpret import Hook, Hooks, evaluate_batches
-from repquant_jax._src.learn import learn_dual_clipping, reconstruct_weights
+from repquant_jax._src.learn import always_compiled, learn_dual_clipping, reconstruct_weights
 from repquant_jax._src.param_edits import params_with_weights, weight_view
 from repquant_jax._src.report import SiteReport, TransformReport
 from repquant_jax._src.sites import WeightSite, analyze
 from repquant_jax._src.specs import calibration_rows, chosen_granularities, resolve_specs
-from repquant_jax._src.state import GroupOutcome, QuantState, Traced
+from repquant_jax._src.state import ClippingRows, GroupOutcome, QuantState, Traced
 
 __all__ = [
     "trace_model",
@@ -155,13 +155,18 @@ def calibrate(
         )
     specs = chosen_granularities(state.specs, calibrator.activations)
     clipping_rows = {}
-    if config.dual_clipping is not None:
+    clipping = config.dual_clipping
+    if clipping is not None:
+        held = None
+        if clipping.accept == "model":
+            held = held_out_samples(traced.graph, traced.plan, len(traced.first_chunk), clipping.held_out, config.seed)
+        points = {p.name: p for p in traced.plan.points}
         for group in traced.plan.groups:
             qp = calibrator.activations.get(group.point)
             if qp is not None and qp.axis is not None and group.consumers:
-                data = calibrator.reservoirs[group.point].data
-                assert data is not None  # the point was calibrated, so it kept values
-                clipping_rows[group.point] = subsample(data, config.dual_clipping.max_rows, rng)
+                shape = traced.graph.avals[points[group.point].value_id].shape
+                rows, excluded = _training_rows(calibrator.reservoirs[group.point], held, shape[0])
+                clipping_rows[group.point] = ClippingRows(subsample(rows, clipping.max_rows, rng), excluded)
     return state.replace(
         specs=specs,
         weights=calibrator.weights,
@@ -171,14 +176,38 @@ def calibrate(
     )
 
 
+def _training_rows(reservoir: Reservoir, held: np.ndarray | None, samples_per_batch: int) -> tuple[np.ndarray, bool]:
+    """The reservoir's rows from samples the model's check does not judge on, and
+    whether they could be told apart: the point's batches must lead with the model
+    outputs' samples (``held`` is ``[batches, samples]`` of the first chunk, whose
+    samples the reservoir numbers from 0; later chunks are all training samples)."""
+    data, ids = reservoir.data, reservoir.samples
+    assert data is not None and ids is not None  # the point was calibrated
+    if held is None or samples_per_batch != held.shape[1]:
+        return data, False
+    flat = held.reshape(-1)
+    judged = (ids >= 0) & (ids < flat.size) & flat[np.clip(ids, 0, flat.size - 1)]
+    return data[~judged], True
+
+
+@always_compiled
 def learn_clipping(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
     """Learns the per-channel clipping bounds of each norm quantizer (RepQuant), from
-    the calibration rows, to match the following matmuls' outputs."""
-    if config.dual_clipping is None or not state.clipping_rows:
+    the calibration rows, to match the following matmuls' outputs; with
+    ``accept="model"`` each group keeps them only if the quantized model's output error
+    on the held-out calibration samples falls too."""
+    clipping = config.dual_clipping
+    if clipping is None or not state.clipping_rows:
         return state
+    check = None
+    if clipping.accept == "model" and any(c.held_out_excluded for c in state.clipping_rows.values()):
+        check = ModelCheck.build(
+            traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, clipping.held_out, config.seed
+        )
     groups = {g.point: g for g in traced.plan.groups}
     activations = dict(state.activations)
-    for i, (point, rows) in enumerate(state.clipping_rows.items()):
+    notes = []
+    for i, (point, (rows, excluded)) in enumerate(state.clipping_rows.items()):
         group = groups[point]
         consumers = [(traced.plan.weight(c.site), c) for c in group.consumers]
         if not all(w.name in state.weights for w, _ in consumers):
@@ -189,11 +218,24 @@ def learn_clipping(traced: Traced, state: QuantState, config: QuantConfig, progr
             for w, c in consumers
         ]
         wqps = [state.weights[w.name] for w, _ in consumers]
-        activations[point], before, after = learn_dual_clipping(
-            rows, activations[point], matrices, wqps, config.dual_clipping
-        )
-        progress(f"dual clipping {group.name}: output MSE {before:.3g} -> {after:.3g}", i + 1, len(state.clipping_rows))
-    return state.replace(activations=activations)
+        learned, before, after = learn_dual_clipping(rows, activations[point], matrices, wqps, clipping)
+        note = f"{group.name}: output MSE {before:.3g} -> {after:.3g}"
+        if learned is activations[point]:
+            note += "; not kept (its output error did not fall)"
+        elif check is not None and excluded:
+            candidate = check.with_activation(point, learned)
+            note += f", model {check.judged_error:.3g} -> {candidate.judged_error:.3g}"
+            if candidate.judged_error < check.judged_error:
+                check, activations[point] = candidate, learned
+                note += "; kept"
+            else:
+                note += "; not kept (the model's held-out output error did not fall)"
+        else:
+            activations[point] = learned
+            note += "; kept" if check is None else "; kept (not checked on the model: its samples are not the model's)"
+        notes.append(note)
+        progress(f"dual clipping {note}", i + 1, len(state.clipping_rows))
+    return state.replace(activations=activations, clipping=tuple(notes))
 
 
 def fold_norms(traced: Traced, state: QuantState, config: QuantConfig, progress: Progress) -> QuantState:
@@ -384,5 +426,6 @@ def report(traced: Traced, state: QuantState, config: QuantConfig) -> TransformR
     notes = plan.notes + tuple(
         f"rule {r.pattern!r} matched no site" for i, r in enumerate(config.rules) if i not in used_rules
     )
+    notes += tuple(f"dual clipping {line}" for line in state.clipping)
     notes += tuple(f"reconstruction {line}" for line in state.reconstruction)
     return TransformReport(tuple(rows), notes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ from repquant_jax._src.graph import Graph
 from repquant_jax._src.param_edits import leaves_like
 from repquant_jax._src.sites import Plan
 
-__all__ = ["QParams", "Traced", "GroupOutcome", "FoldForm", "QuantState"]
+__all__ = ["QParams", "Traced", "GroupOutcome", "FoldForm", "ClippingRows", "QuantState"]
 
 
 @struct.dataclass
@@ -93,6 +93,19 @@ class GroupOutcome:
         return self.form in ("folded", "branch")
 
 
+class ClippingRows(NamedTuple):
+    """A norm point's calibration rows for dual clipping.
+
+    Attributes:
+      rows: ``[tokens, channels]``, a random sample.
+      held_out_excluded: the rows come from training samples only: none from the
+        samples the model's check judges on (`block_recon.held_out_samples`).
+    """
+
+    rows: np.ndarray
+    held_out_excluded: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantState:
     """Everything the stages have decided so far.
@@ -106,6 +119,8 @@ class QuantState:
       outcomes: norm group point -> what the fold stage did with it.
       samples: activation point -> (values kept, values seen) during calibration.
       clipping_rows: norm group point -> calibration rows for dual clipping.
+      clipping: one line per norm group whose clipping was learned (losses, the model's
+        check, kept or not), for the report.
       refit: weight sites whose kernels the folds rescaled (to be re-calibrated).
       reconstruction: one line per block reconstruction unit (losses before/after on
         both splits, kept or not), for the report.
@@ -124,7 +139,8 @@ class QuantState:
     input_scales: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
     outcomes: Mapping[str, GroupOutcome] = dataclasses.field(default_factory=dict)
     samples: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    clipping_rows: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    clipping_rows: Mapping[str, ClippingRows] = dataclasses.field(default_factory=dict)
+    clipping: tuple[str, ...] = ()
     refit: frozenset[str] = frozenset()
     reconstruction: tuple[str, ...] = ()
     rounding: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
