@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +110,16 @@ def test_blocks_are_never_kept_worse_on_held_out_samples(accept):
     out = qa(q, x)
     assert np.isfinite(np.asarray(out)).all()
     assert out.shape == apply_fn(params, x).shape
+
+
+def test_a_step_on_one_of_identical_batches_learns_what_all_of_them_teach():
+    apply_fn, params, x = _deep_plain(2)
+
+    def learned(batches_per_step):
+        config = _block_config(steps=20, held_out=0.0, accept="unit", batches_per_step=batches_per_step)
+        return repquant.transform(apply_fn, params, [x] * 2, config)[0].params
+
+    chex.assert_trees_all_close(learned(1), learned(None), rtol=1e-5, atol=1e-6)
 
 
 def test_the_whole_model_as_one_unit_matches_its_outputs():

@@ -57,9 +57,15 @@ def test_adaround_falls_back_to_nearest_rounding_when_it_overfits():
     assert held_out_error(jnp.asarray(new)) < held_out_error(jnp.asarray(overfit))
 
 
-def test_reconstruction_held_out_must_be_a_fraction():
+def test_learned_steps_refuse_bad_settings():
     with pytest.raises(ValueError, match="held_out"):
         repquant.Reconstruction(held_out=1.0)
+    with pytest.raises(ValueError, match="batches_per_step"):
+        repquant.Reconstruction(batches_per_step=0)
+    with pytest.raises(ValueError, match="DualClipping.held_out"):
+        repquant.DualClipping(held_out=0.0)
+    with pytest.raises(ValueError, match="DualClipping.accept"):
+        repquant.DualClipping(accept="block")
 
 
 def test_dual_clipping_lowers_the_next_matmul_error_on_outlier_channels():

@@ -293,12 +293,18 @@ def _train(
     """``chunk`` optimization steps from ``first_step`` (of ``hyper.steps``)."""
     optimizer = _optimizer(hyper)
     warm = int(hyper.steps * hyper.warmup)
-    denom = jnp.maximum(mask.sum(), 1.0)
     n_weights = max(1, sum(v.size for v in learn["rounding"]))
+    batches = inputs[0].shape[0]
+    per_step = min(hyper.batches_per_step or batches, batches)
 
     def loss(learn, step, key):
-        outputs = _run(program, learn, data, inputs, "soft", key, hyper.qdrop)
-        rec = (_per_sample_mse(outputs, targets) * mask).sum() / denom
+        step_inputs, step_targets, step_mask = inputs, targets, mask
+        if per_step < batches:  # a random subset of the calibration batches
+            pick_key, key = jax.random.split(key)
+            pick = jax.random.permutation(pick_key, batches)[:per_step]
+            step_inputs, step_targets, step_mask = [x[pick] for x in inputs], [t[pick] for t in targets], mask[pick]
+        outputs = _run(program, learn, data, step_inputs, "soft", key, hyper.qdrop)
+        rec = (_per_sample_mse(outputs, step_targets) * step_mask).sum() / jnp.maximum(step_mask.sum(), 1.0)
         t = jnp.clip((step - warm) / max(1, hyper.steps - warm), 0.0, 1.0)
         beta = hyper.beta_end + (hyper.beta_start - hyper.beta_end) * (1 - t)
         lam = jnp.where(step < warm, 0.0, hyper.reg_weight)

@@ -200,6 +200,10 @@ class Reconstruction:
         training (QDrop); 0 disables it.
       eval_every: block training steps between evaluations on the held-out samples;
         a block keeps the learned state that was best there (early stopping).
+      batches_per_step: calibration batches each training step of a block (or
+        sub-block, or the model) runs on, drawn at random per step; None: every batch
+        of the first calibration chunk. A step's time grows with it: the budget of
+        block-wise reconstruction together with ``steps``.
       accept: how a block (or sub-block) is judged on the held-out samples: ``"unit"``
         keeps what it learned when its own output error falls; ``"model"`` also
         requires the whole model's output error to fall (earlier units as decided,
@@ -220,11 +224,14 @@ class Reconstruction:
     scale_learning_rate: float = 1e-3
     qdrop: float = 0.0
     eval_every: int = 25
+    batches_per_step: int | None = None
     accept: Literal["unit", "model"] = "model"
 
     def __post_init__(self):
         if not 0 <= self.held_out < 1:
             raise ValueError(f"Reconstruction.held_out must be in [0, 1), got {self.held_out}")
+        if self.batches_per_step is not None and self.batches_per_step < 1:
+            raise ValueError(f"Reconstruction.batches_per_step must be None or >= 1, got {self.batches_per_step}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
