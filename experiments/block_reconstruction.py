@@ -116,13 +116,21 @@ def comparison_args(description: str, variants, bits: list[int], out: str) -> ar
         "--variants", nargs="+", choices=list(variants), default=list(variants), help="repq_vit is always run first"
     )
     parser.add_argument("--out", default=str(RESULTS / out))
-    return parser.parse_args()
+    args = parser.parse_args()
+    # the data options that differ from their defaults, for the command the table records
+    args.data_options = "".join(
+        f" --{k.replace('_', '-')} {getattr(args, k)}"
+        for k in ("samples", "minilm_tokens", "llama_windows")
+        if getattr(args, k) != parser.get_default(k)
+    )
+    return args
 
 
 def write_comparison(args, script: str, title: str, note: str, variants, detail, detail_header: str) -> None:
     """Runs ``variants`` on each of ``args.models`` (`run_model`) and writes the table to
     ``args.out``, rewritten after each model so that a long run keeps what it has."""
     command = f"python experiments/{script} --models {' '.join(args.models)} --bits {' '.join(map(str, args.bits))}"
+    command += args.data_options
     if set(args.variants) != set(variants):
         command += " --variants " + " ".join(f'"{v}"' for v in args.variants)
     descriptions, rows = [], []

@@ -165,7 +165,8 @@ def calibrate(
             qp = calibrator.activations.get(group.point)
             if qp is not None and qp.axis is not None and group.consumers:
                 shape = traced.graph.avals[points[group.point].value_id].shape
-                rows, excluded = _training_rows(calibrator.reservoirs[group.point], held, shape[0])
+                per_batch = shape[0] if len(shape) >= 2 else 1  # as `fit.point_samples` numbers them
+                rows, excluded = _training_rows(calibrator.reservoirs[group.point], held, per_batch)
                 clipping_rows[group.point] = ClippingRows(subsample(rows, clipping.max_rows, rng), excluded)
     return state.replace(
         specs=specs,

@@ -225,6 +225,10 @@ def build(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(try_download_gcs=False),
         )
+    except FileExistsError:
+        # another process built the same folder meanwhile (TFDS renames its finished build)
+        if not _builder(data_dir, idx_dir).is_prepared():
+            raise
     finally:
         tqdm_utils.display_progress_bar(bars_were_on)
     if not quiet:
