@@ -113,10 +113,13 @@ def test_blocks_are_never_kept_worse_on_held_out_samples(accept):
 
 
 def test_a_step_on_one_of_identical_batches_learns_what_all_of_them_teach():
-    apply_fn, params, x = _deep_plain(2)
+    apply_fn, params, x = _deep_plain(1)
 
     def learned(batches_per_step):
-        config = _block_config(steps=20, held_out=0.0, accept="unit", batches_per_step=batches_per_step)
+        reconstruction = repquant.Reconstruction(
+            steps=10, held_out=0.0, accept="unit", batches_per_step=batches_per_step
+        )
+        config = repquant.presets.repq_vit(4, 4, reconstruction=reconstruction)  # no dual clipping: faster
         return repquant.transform(apply_fn, params, [x] * 2, config)[0].params
 
     chex.assert_trees_all_close(learned(1), learned(None), rtol=1e-5, atol=1e-6)
