@@ -14,9 +14,9 @@ import zoo
 import repquant_jax as repquant
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src import stages
-from repquant_jax._src.block_recon import ModelCheck
+from repquant_jax._src.block_recon import ModelCheck, stacked_inputs
 from repquant_jax._src.fold import weight_matrix
-from repquant_jax._src.interpret import Hooks, evaluate_batches
+from repquant_jax._src.interpret import Hooks, evaluate_batches, shared_values
 from repquant_jax._src.specs import calibration_rows, resolve_specs
 from repquant_jax._src.state import QuantState
 
@@ -108,8 +108,11 @@ def test_dual_clipping_learns_on_training_samples_and_keeps_what_lowers_the_mode
     assert all(c.held_out_excluded and c.rows.shape[0] == 6 * 8 for c in state.clipping_rows.values())
     after = stages.learn_clipping(traced, state, config, _quiet)
     assert len(after.clipping) == len(state.clipping_rows)
+    qparams = state.qparams(traced)
+    shared = shared_values(traced.graph, jax.tree_util.tree_leaves(qparams.params))
+    env = stacked_inputs(traced.graph, traced.first_chunk)
     check = ModelCheck.build(
-        traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, config.dual_clipping.held_out, config.seed
+        traced.graph, traced.plan, qparams, shared, env, config.dual_clipping.held_out, config.seed
     )
     for point, line in zip(state.clipping_rows, after.clipping):
         if after.activations[point] is state.activations[point]:

@@ -51,7 +51,7 @@ from repquant_jax._src.state import QParams
 from repquant_jax._src.types import NodeId, ValueId
 from repquant_jax._src.units import Unit, find_units
 
-__all__ = ["UnitResult", "ModelCheck", "reconstruct_blocks", "compile_count", "held_out_samples"]
+__all__ = ["UnitResult", "ModelCheck", "reconstruct_blocks", "compile_count", "held_out_samples", "stacked_inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +347,11 @@ def _split_mask(targets: Sequence[Any], held_out: float, seed: int):
     return jnp.asarray(mask.reshape(shape)), n_held > 0
 
 
+def stacked_inputs(graph: Graph, batch_leaves: Sequence[Sequence[Any]]) -> dict[ValueId, jax.Array]:
+    """The graph's inputs over the calibration batches, stacked on a leading axis."""
+    return {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
+
+
 def held_out_samples(graph: Graph, plan: Plan, batches: int, held_out: float, seed: int) -> np.ndarray | None:
     """``[batches, rows]``: True for the calibration samples `ModelCheck` judges on
     (the same split, from the model's output shapes); None when the model's outputs do
@@ -405,7 +410,7 @@ def reconstruct_blocks(
     else:
         units = plan.sub_blocks if config.granularity == "sub_block" else plan.blocks
     shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
-    float_env = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
+    float_env = stacked_inputs(graph, batch_leaves)
     quant_env = dict(float_env)
     updates: list[tuple[WeightSite, Any]] = []
     activations = dict(qparams.activations)
@@ -413,7 +418,7 @@ def reconstruct_blocks(
     key = jax.random.key(seed)
     model = None
     if config.accept == "model" and len(units) > 1:
-        model = ModelCheck.build(graph, plan, qparams, batch_leaves, config.held_out, seed, start)
+        model = ModelCheck.build(graph, plan, qparams, shared, float_env, config.held_out, seed, start)
     for i, unit in enumerate(units):
         setup = _unit_program(graph, plan, unit, qparams, shared, start)
         program, data, learned_w, learned_s = setup.program, setup.data, setup.learned_w, setup.learned_s
@@ -515,21 +520,21 @@ class ModelCheck:
         graph: Graph,
         plan: Plan,
         qparams: QParams,
-        batch_leaves: Sequence[Sequence[Any]],
+        shared: Mapping[ValueId, Any],
+        float_env: Mapping[ValueId, jax.Array],
         held_out: float,
         seed: int,
         start: Mapping[str, jax.Array] | None = None,
     ) -> ModelCheck | None:
         """The check of the model in ``qparams`` (weights at their starting rounding:
-        nearest, or ``start``'s codes) on the calibration batches, with ``held_out`` of
-        the samples judged (`held_out_samples`); None when the model's outputs do not
-        lead with the batch's samples (a loss, a scalar): then each unit is judged on
-        its own."""
+        nearest, or ``start``'s codes) on the calibration batches (``float_env``: the
+        graph's `stacked_inputs`; ``shared``: its `interpret.shared_values`), with
+        ``held_out`` of the samples judged (`held_out_samples`); None when the model's
+        outputs do not lead with the batch's samples (a loss, a scalar): then each unit
+        is judged on its own."""
         (whole,) = find_units(graph, plan, "model")
-        shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
         setup = _unit_program(graph, plan, whole, qparams, shared, start or {})
-        stacked = {v: jnp.stack([b[k] for b in batch_leaves]) for k, v in enumerate(graph.input_ids)}
-        inputs = [stacked[v] for v in whole.inputs]
+        inputs = [float_env[v] for v in whole.inputs]
         key = jax.random.key(seed)
         targets = list(_evaluate(setup.program, "float", None, setup.data, inputs, key))
         if _sample_rows(targets) is None:

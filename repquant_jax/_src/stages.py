@@ -23,7 +23,7 @@ import numpy as np
 
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.adapters import check_reads_params
-from repquant_jax._src.block_recon import ModelCheck, held_out_samples, reconstruct_blocks
+from repquant_jax._src.block_recon import ModelCheck, held_out_samples, reconstruct_blocks, stacked_inputs
 from repquant_jax._src.config import QuantConfig, SiteSpec
 from repquant_jax._src.fit import (
     Reservoir,
@@ -38,7 +38,7 @@ from repquant_jax._src.fold_check import fold_checked, fold_offsets
 from repquant_jax._src.gptq import dequantized_view, gptq_round
 from repquant_jax._src.graph import trace
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, quant_hooks, weight_operand_hook
-from repquant_jax._src.interpret import Hook, Hooks, evaluate_batches
+from repquant_jax._src.interpret import Hook, Hooks, evaluate_batches, shared_values
 from repquant_jax._src.learn import always_compiled, learn_dual_clipping, reconstruct_weights
 from repquant_jax._src.param_edits import params_with_weights, weight_view
 from repquant_jax._src.report import SiteReport, TransformReport
@@ -202,9 +202,10 @@ def learn_clipping(traced: Traced, state: QuantState, config: QuantConfig, progr
         return state
     check = None
     if clipping.accept == "model" and any(c.held_out_excluded for c in state.clipping_rows.values()):
-        check = ModelCheck.build(
-            traced.graph, traced.plan, state.qparams(traced), traced.first_chunk, clipping.held_out, config.seed
-        )
+        graph, qparams = traced.graph, state.qparams(traced)
+        shared = shared_values(graph, list(jax.tree_util.tree_leaves(qparams.params)))
+        env = stacked_inputs(graph, traced.first_chunk)
+        check = ModelCheck.build(graph, traced.plan, qparams, shared, env, clipping.held_out, config.seed)
     groups = {g.point: g for g in traced.plan.groups}
     activations = dict(state.activations)
     notes = []
