@@ -308,7 +308,7 @@ def run_model(name: str, args) -> str:
         cell_times.append(f"{row} W{bits}A{bits}: {dt:.0f}s")
         log(f"{name} {row} W{bits}A{bits}: {fmt_scores(out)} ({dt:.0f}s, {len(m['draws'])} draw(s))")
 
-    variants = m.get("variants", {})  # extra rows: label -> (preset, overrides)
+    variants = m.get("variants", {}) if args.variants else {}  # extra rows: label -> (preset, overrides)
     for row, (method, overrides) in {**{x: (x, {}) for x in METHODS}, **variants}.items():
         for bits in args.bits:
             config = config_for(method, bits, args.repquant_steps, **overrides)
@@ -381,6 +381,12 @@ def main() -> None:
     )
     parser.add_argument("--minilm-tokens", type=int, default=64, help="calibration documents truncated to this")
     parser.add_argument("--llama-windows", type=int, default=128, help="held-out windows of 129 bytes")
+    parser.add_argument(
+        "--no-variants",
+        dest="variants",
+        action="store_false",
+        help="only the presets' and qwix's rows (MiniLM's unfoldable-policy rows take most of its time)",
+    )
     parser.add_argument("--out", default=str(RESULTS / "ptq_table.md"))
     args = parser.parse_args()
 
