@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import conftest
 import jax
 import numpy as np
@@ -207,3 +208,107 @@ def test_stages_composed_give_transforms_result(vit):
     for a, b in zip(jax.tree_util.tree_leaves(by_stage), jax.tree_util.tree_leaves(qparams)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert isinstance(state, QuantState)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    m = zoo.plain_jax_transformer(batch=4, seq=8)
+    chunks = [_chunk(m, 2), [tuple(a * 0.7 for a in m.inputs), tuple(a * 1.3 for a in m.inputs)]]
+    return m, chunks, stages.trace_model(m.apply_fn, m.params, chunks[0])
+
+
+def _calibrated_in_order(plain, config, chunks, progress=_quiet):
+    _, _, traced = plain
+    return stages.calibrate(traced, stages.initial_state(traced, config), chunks, config, progress)
+
+
+@pytest.mark.parametrize("clipping", [None, repquant.DualClipping(steps=2)])
+def test_block_by_block_calibration_of_one_chunk_is_exactly_the_whole_models(plain, clipping):
+    _, chunks, traced = plain
+    assert len(traced.plan.blocks) == 2
+    by_order = {}
+    for order in ("chunks", "blocks", "auto"):
+        config = P.repq_vit(4, 4, calibration_order=order, dual_clipping=clipping)
+        by_order[order] = _calibrated_in_order(plain, config, chunks[:1])
+    for order in ("blocks", "auto"):
+        got, want = by_order[order], by_order["chunks"]
+        chex.assert_trees_all_equal(got.activations, want.activations)
+        chex.assert_trees_all_equal(got.weights, want.weights)
+        chex.assert_trees_all_equal(got.clipping_rows, want.clipping_rows)
+        assert got.samples == want.samples
+
+
+def test_block_by_block_calibration_drops_each_blocks_samples_when_the_block_is_done(plain):
+    _, chunks, traced = plain
+    config = P.repq_vit(4, 4, calibration_order="blocks")
+    state = stages.initial_state(traced, config)
+    calibrator = stages._Calibrator(traced, dict(state.specs), config, np.random.default_rng(0))
+    producers = traced.graph.producers()
+    stops = [u.stop for u in traced.plan.blocks]
+    held = []
+
+    def progress(_message, done, _total):  # after each block: which points still hold a sample
+        stop = stops[done - 1]
+        for p in traced.plan.points:
+            reservoir = calibrator.reservoirs[p.name]
+            if producers.get(p.value_id, -1) < stop:  # fitted for good: sample dropped
+                assert reservoir.data is None and reservoir.kept is not None, (p.name, done)
+            else:  # a later block's: not reached yet
+                assert reservoir.kept is None, (p.name, done)
+        held.append(done)
+
+    stages._calibrate_block_by_block(traced, state, chunks, calibrator, config, progress)
+    assert held == [1, 2]
+    assert all(r.seen > 0 for r in calibrator.reservoirs.values())
+
+
+def test_block_by_block_calibration_of_several_chunks_sees_every_batch(plain):
+    m, chunks, traced = plain
+    results = {}
+    for order in ("chunks", "blocks"):
+        config = P.repq_vit(4, 4, calibration_order=order)
+        results[order] = _calibrated_in_order(plain, config, chunks)
+    assert results["blocks"].samples == results["chunks"].samples  # every value seen, every value kept
+    # The first site reads the inputs, so its quantizer cannot depend on the order.
+    first = min(traced.plan.points, key=lambda p: traced.graph.producers().get(p.value_id, -1)).name
+    chex.assert_trees_all_equal(results["blocks"].activations[first], results["chunks"].activations[first])
+    assert set(results["blocks"].activations) == set(results["chunks"].activations)
+
+
+def test_calibration_order_is_validated():
+    with pytest.raises(ValueError, match="calibration_order"):
+        P.repq_vit(4, 4, calibration_order="layers")
+
+
+def test_calibrating_many_chunks_compiles_the_fitting_kernels_per_power_of_two_rows_not_per_chunk(monkeypatch):
+    m = zoo.linen_vit_block(batch=2, seq=8)
+    config = P.repq_vit(4, 4, calibration_chunk=1)
+    rows_fitted: dict[str, set[int]] = {}
+    calibrate_values = stages.calibrate_values
+
+    def spy(values, spec, *args):
+        rows_fitted.setdefault(spec.name, set()).add(values.shape[0])
+        return calibrate_values(values, spec, *args)
+
+    monkeypatch.setattr(stages, "calibrate_values", spy)
+    compiles = [0]
+
+    def listener(event, _duration, **_kwargs):
+        compiles[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for n in (8, 64):  # the first run compiles the kernels for the small buckets
+            chunks = [[tuple(a * (1 + 0.01 * i) for a in m.inputs)] for i in range(n)]
+            traced = stages.trace_model(m.apply_fn, m.params, chunks[0])
+            rows_fitted.clear()
+            before = compiles[0]
+            after = stages.calibrate(traced, stages.initial_state(traced, config), chunks, config, _quiet)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert all(kept == seen for kept, seen in after.samples.values())  # the last fits read every row
+    for name, counts in rows_fitted.items():
+        earlier = counts - {max(counts)}
+        assert all(c & (c - 1) == 0 for c in earlier), (name, counts)  # the others a power of two
+        assert len(counts) <= max(counts).bit_length() + 1, (name, counts)
+    assert compiles[0] - before < 64, "about one compilation per chunk: the reservoir sizes are not bucketed"

@@ -319,6 +319,15 @@ class QuantConfig:
         the report use the first chunk.
       max_calibration_values: values (or rows × channels) each site keeps, as a uniform
         random sample, to fit its quantizer; below the cap the fit is exact.
+      calibration_order: how the calibration batches go through the model.
+        ``"chunks"``: each chunk of ``calibration_chunk`` batches through the whole
+        model; memory is bounded in the number of batches, but every site's sample is
+        kept to the end, so it grows with depth. ``"blocks"``: every chunk through one
+        transformer block (`repquant_jax._src.units`) before the next block, as
+        GPTQ-style LLM tools do; a block's samples are dropped when it is done, so
+        memory does not grow with depth, but the values at a block boundary are kept
+        for every batch. ``"auto"``: ``"blocks"`` when the batches fit in one chunk
+        (the quantizers are then exactly those of ``"chunks"``), else ``"chunks"``.
     """
 
     w_bits: int = 4
@@ -348,6 +357,7 @@ class QuantConfig:
     seed: int = 0
     calibration_chunk: int = 16
     max_calibration_values: int = 1 << 22
+    calibration_order: Literal["auto", "chunks", "blocks"] = "auto"
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "input_bits"):
@@ -373,6 +383,7 @@ class QuantConfig:
             raise ValueError(f"range_expansions must be a tuple of numbers in [1, 1000], got {self.range_expansions!r}")
         if self.calibration_chunk < 1:
             raise ValueError(f"calibration_chunk must be >= 1, got {self.calibration_chunk}")
+        _check_choice("calibration_order", self.calibration_order, ("auto", "chunks", "blocks"))
         if self.max_calibration_values < 1024:
             raise ValueError(f"max_calibration_values must be >= 1024, got {self.max_calibration_values}")
         if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):

@@ -56,6 +56,7 @@ class Reservoir:
         self.next_sample = 0  # the id of the next calibration sample
         self._keys: np.ndarray | None = None
         self.seen = 0  # values, not rows
+        self.kept: int | None = None  # values in the sample (None: nothing added yet)
 
     def add(self, values: np.ndarray, samples: np.ndarray | None = None) -> None:
         """Adds values: a flat array, or ``[rows, C]`` (whole rows are kept), with the
@@ -77,6 +78,26 @@ class Reservoir:
             index = np.sort(np.argpartition(keys, keep - 1)[:keep])
             values, keys, samples = values[index], keys[index], samples[index]
         self.data, self._keys, self.samples = values, keys, samples
+        self.kept = values.size
+
+    def bucket(self) -> tuple[np.ndarray, np.ndarray]:
+        """The largest power-of-two number of rows of the sample (with their sample
+        ids): those of the smallest keys, itself a uniform sample of everything seen.
+
+        A fit between chunks reads this, so the fitting kernels see a few row counts
+        (one per power of two) instead of one per chunk, and compile a few times.
+        """
+        assert self.data is not None and self._keys is not None and self.samples is not None
+        rows = self.data.shape[0]
+        size = 1 << (rows.bit_length() - 1)
+        if size == rows:
+            return self.data, self.samples
+        index = np.sort(np.argpartition(self._keys, size - 1)[:size])
+        return self.data[index], self.samples[index]
+
+    def release(self) -> None:
+        """Drops the sample (its site is fitted for good); ``kept`` and ``seen`` stay."""
+        self.data = self._keys = self.samples = None
 
 
 def subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:

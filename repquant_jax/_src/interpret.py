@@ -29,6 +29,7 @@ __all__ = [
     "OperandHook",
     "MatmulFn",
     "Hooks",
+    "BatchEvaluation",
     "evaluate",
     "evaluate_batches",
     "evaluate_range",
@@ -120,25 +121,69 @@ def evaluate_batches(
     Returns:
       One output pytree per batch.
     """
-    hooks = hooks or Hooks()
-    hooks.check(graph)
-    if len(param_leaves) != len(graph.param_ids):
-        raise ValueError(f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}")
-    env = _Env(graph, hooks, len(batches))
-    for vid, leaf in zip(graph.param_ids, param_leaves):
-        env.define(vid, [leaf], True)
-    for k, vid in enumerate(graph.input_ids):
-        env.define(vid, [batch[k] for batch in batches], False)
-    last_use = _last_use(graph)
-    for i, node in enumerate(graph.nodes):
-        env.run(NodeId(i), node)
-        for vid in node.inputs:
-            if last_use.get(vid) == i:
-                env.free(vid)
-    return [
-        jax.tree_util.tree_unflatten(graph.output_treedef, [env.read(v, b, False) for v in graph.output_ids])
-        for b in range(len(batches))
-    ]
+    evaluation = BatchEvaluation(graph, param_leaves, batches, hooks)
+    evaluation.run_to(len(graph.nodes))
+    return evaluation.outputs()
+
+
+class BatchEvaluation:
+    """`evaluate_batches` that can stop after any node and go on later.
+
+    Block-by-block calibration runs every chunk of batches through one block before
+    the next block: each chunk's evaluation pauses at the block's end, holding only the
+    values live there (a value is dropped after its last reader), and resumes from
+    there.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from repquant_jax._src.graph import trace
+        >>> graph = trace(lambda p, x: jnp.tanh(x @ p) @ p, jnp.eye(2), jnp.ones((1, 2)))
+        >>> evaluation = BatchEvaluation(graph, [jnp.eye(2)], [[jnp.ones((1, 2))]])
+        >>> evaluation.run_to(1)  # the first matmul only
+        >>> evaluation.run_to(len(graph.nodes))
+        >>> evaluation.outputs()[0].shape
+        (1, 2)
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        param_leaves: Sequence[Any],
+        batches: Sequence[Sequence[Any]],
+        hooks: Hooks | None = None,
+    ):
+        hooks = hooks or Hooks()
+        hooks.check(graph)
+        if len(param_leaves) != len(graph.param_ids):
+            raise ValueError(f"params have {len(param_leaves)} leaves, the traced function has {len(graph.param_ids)}")
+        self.graph, self.n_batches, self.next_node = graph, len(batches), 0
+        self._env = _Env(graph, hooks, len(batches))
+        for vid, leaf in zip(graph.param_ids, param_leaves):
+            self._env.define(vid, [leaf], True)
+        for k, vid in enumerate(graph.input_ids):
+            self._env.define(vid, [batch[k] for batch in batches], False)
+        self._last_use = _last_use(graph)
+
+    def run_to(self, stop: int) -> None:
+        """Runs the nodes from where it stopped up to ``stop - 1``."""
+        for i in range(self.next_node, stop):
+            node = self.graph.nodes[i]
+            self._env.run(NodeId(i), node)
+            for vid in node.inputs:
+                if self._last_use.get(vid) == i:
+                    self._env.free(vid)
+        self.next_node = max(self.next_node, stop)
+
+    def outputs(self) -> list[Any]:
+        """One output pytree per batch (after the last node has run)."""
+        if self.next_node < len(self.graph.nodes):
+            raise ValueError(f"the evaluation stopped at node {self.next_node} of {len(self.graph.nodes)}")
+        return [
+            jax.tree_util.tree_unflatten(
+                self.graph.output_treedef, [self._env.read(v, b, False) for v in self.graph.output_ids]
+            )
+            for b in range(self.n_batches)
+        ]
 
 
 def evaluate_range(

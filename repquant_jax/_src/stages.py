@@ -13,6 +13,7 @@ so each can be run and tested on its own.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from repquant_jax._src.fold_check import fold_checked, fold_offsets
 from repquant_jax._src.gptq import dequantized_view, gptq_round
 from repquant_jax._src.graph import trace
 from repquant_jax._src.hooks import affine_input, fake_quant_weight, quant_hooks, weight_operand_hook
-from repquant_jax._src.interpret import Hook, Hooks, evaluate_batches, shared_values
+from repquant_jax._src.interpret import BatchEvaluation, Hook, Hooks, evaluate_batches, shared_values
 from repquant_jax._src.learn import always_compiled, learn_dual_clipping, reconstruct_weights
 from repquant_jax._src.param_edits import params_with_weights, weight_view
 from repquant_jax._src.report import SiteReport, TransformReport
@@ -93,6 +94,10 @@ class _Calibrator:
         self.weights: dict[str, qz.QuantParams] = {}
         self.activations: dict[str, qz.QuantParams] = {}
         self.reservoirs = {p.name: Reservoir(config.max_calibration_values, rng) for p in traced.plan.points}
+        #: whether the chunk being evaluated is the last: earlier fits only feed the
+        #: downstream sites of their chunk, so they read a power-of-two bucket of the
+        #: sample (`Reservoir.bucket`) and the fitting kernels compile a few times
+        self.last_chunk = True
         active = [w for w in traced.plan.weights if not specs[w.name].skip]
         self.hooks = Hooks(
             values={p.value_id: self._point_hook(p.name) for p in traced.plan.points if not specs[p.name].skip},
@@ -116,8 +121,9 @@ class _Calibrator:
         def hook(values):
             reservoir = self.reservoirs[name]
             reservoir.add(point_values(values), point_samples(values, reservoir.next_sample))
+            data, samples = (reservoir.data, reservoir.samples) if self.last_chunk else reservoir.bucket()
             try:
-                qp = calibrate_values(reservoir.data, spec, self.config, axis, reservoir.samples)
+                qp = calibrate_values(data, spec, self.config, axis, samples)
             except ValueError as err:
                 raise ValueError(f"calibrating {name!r}: {err}") from None
             self.activations[name] = qp
@@ -138,21 +144,28 @@ def calibrate(
 
     Batches are evaluated side by side a chunk at a time; each activation point keeps a
     bounded sample of its values across chunks and is re-fitted to it after each chunk.
-    Also samples the calibration rows of the per-channel norm points for dual clipping.
+    The chunks go through the whole model one after the other, or all through one block
+    before the next (``config.calibration_order``). Also samples the calibration rows of the per-channel norm points for dual clipping.
     ``total`` (the number of batches, when known) is for the progress bar only.
     """
     rng = np.random.default_rng(config.seed)
     calibrator = _Calibrator(traced, dict(state.specs), config, rng)
-    seen = 0
-    for chunk in chunks:
-        seen += len(chunk)
-        evaluate_batches(traced.graph, state.leaves, [jax.tree_util.tree_leaves(b) for b in chunk], calibrator.hooks)
-        progress(
-            f"calibrated {len(calibrator.activations)} activation and {len(calibrator.weights)} weight "
-            f"quantizers on {seen} batches",
-            seen,
-            total,
-        )
+    order, chunks = _calibration_order(config, chunks)
+    if order == "chunks":
+        seen = 0
+        for chunk, calibrator.last_chunk in _with_last(chunks):
+            seen += len(chunk)
+            evaluate_batches(
+                traced.graph, state.leaves, [jax.tree_util.tree_leaves(b) for b in chunk], calibrator.hooks
+            )
+            progress(
+                f"calibrated {len(calibrator.activations)} activation and {len(calibrator.weights)} weight "
+                f"quantizers on {seen} batches",
+                seen,
+                total,
+            )
+    else:
+        _calibrate_block_by_block(traced, state, list(chunks), calibrator, config, progress)
     specs = chosen_granularities(state.specs, calibrator.activations)
     clipping_rows = {}
     clipping = config.dual_clipping
@@ -172,9 +185,69 @@ def calibrate(
         specs=specs,
         weights=calibrator.weights,
         activations=calibrator.activations,
-        samples={n: (r.data.size, r.seen) for n, r in calibrator.reservoirs.items() if r.data is not None},
+        samples={n: (r.kept, r.seen) for n, r in calibrator.reservoirs.items() if r.kept is not None},
         clipping_rows=clipping_rows,
     )
+
+
+def _calibration_order(
+    config: QuantConfig, chunks: Iterable[Sequence[tuple[Any, ...]]]
+) -> tuple[str, Iterable[Sequence[tuple[Any, ...]]]]:
+    """``config.calibration_order`` with ``"auto"`` decided (``"blocks"`` for a single
+    chunk), and the chunks, none of them lost to the look-ahead."""
+    if config.calibration_order != "auto":
+        return config.calibration_order, chunks
+    iterator = iter(chunks)
+    ahead = list(itertools.islice(iterator, 2))
+    return ("blocks" if len(ahead) < 2 else "chunks"), itertools.chain(ahead, iterator)
+
+
+def _with_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
+    """``(item, whether it is the last)`` for each item, one item read ahead."""
+    iterator = iter(items)
+    ahead = next(iterator, _END)
+    while ahead is not _END:
+        item, ahead = ahead, next(iterator, _END)
+        yield item, ahead is _END
+
+
+_END = object()
+
+
+def _calibrate_block_by_block(
+    traced: Traced,
+    state: QuantState,
+    chunks: list[Sequence[tuple[Any, ...]]],
+    calibrator: _Calibrator,
+    config: QuantConfig,
+    progress: Progress,
+) -> None:
+    """Runs every chunk through one block before the next, each chunk's evaluation
+    paused at the block's end, and drops the samples of the sites the block fitted
+    for good (dual clipping's norm points keep theirs: it learns from them)."""
+    graph = traced.graph
+    evaluations = [
+        BatchEvaluation(graph, state.leaves, [jax.tree_util.tree_leaves(b) for b in chunk], calibrator.hooks)
+        for chunk in chunks
+    ]
+    stops = sorted({u.stop for u in traced.plan.blocks} | {len(graph.nodes)})
+    producers = graph.producers()
+    keep = {g.point for g in traced.plan.groups} if config.dual_clipping is not None else set()
+    pending = [p for p in traced.plan.points if p.name not in keep]
+    batches = sum(len(c) for c in chunks)
+    for k, stop in enumerate(stops):
+        for i, evaluation in enumerate(evaluations):
+            calibrator.last_chunk = i == len(evaluations) - 1
+            evaluation.run_to(stop)
+        for point in [p for p in pending if producers.get(p.value_id, -1) < stop]:
+            calibrator.reservoirs[point.name].release()
+            pending.remove(point)
+        progress(
+            f"calibrated block {k + 1} of {len(stops)}: {len(calibrator.activations)} activation and "
+            f"{len(calibrator.weights)} weight quantizers on {batches} batches",
+            k + 1,
+            len(stops),
+        )
 
 
 def _training_rows(reservoir: Reservoir, held: np.ndarray | None, samples_per_batch: int) -> tuple[np.ndarray, bool]:
