@@ -122,6 +122,9 @@ def test_report_covers_every_site(vit_block):
     softmax = next(s for s in report.sites if s.role == "activation/softmax")
     assert softmax.quantizer.startswith("log_sqrt2")
     assert "rel. MSE" in str(report)
+    stages = [name for name, _ in report.stage_seconds]
+    assert stages[:2] == ["trace", "calibrate"] and stages[-1] == "report" and len(set(stages)) == len(stages)
+    assert all(seconds >= 0 for _, seconds in report.stage_seconds)
 
 
 def test_post_ln_policies():

@@ -83,10 +83,17 @@ class SiteReport:
 
 @dataclasses.dataclass(frozen=True)
 class TransformReport:
-    """All sites of one transform. ``str(report)`` is a table."""
+    """All sites of one transform. ``str(report)`` is a table.
+
+    Attributes:
+      sites: one row per site.
+      notes: what the stages decided beyond the sites' rows (folds undone, blocks not kept).
+      stage_seconds: ``(stage, wall seconds)`` in pipeline order, as `transform` ran them.
+    """
 
     sites: tuple[SiteReport, ...]
     notes: tuple[str, ...] = ()
+    stage_seconds: tuple[tuple[str, float], ...] = ()
 
     def site(self, name: str) -> SiteReport:
         for s in self.sites:

@@ -6,7 +6,9 @@ function ``(traced, state, ...) -> state`` over one frozen `QuantState`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -70,10 +72,11 @@ def transform(
         raise TypeError(f"config must be a QuantConfig (see repquant_jax.presets), got {type(config).__name__}")
     apply_fn, params = as_apply_fn(apply_fn, params)
     progress = Progress(verbose)
+    clock = _StageClock()
     stream = BatchStream(calib_batches)
     first_chunk = stream.chunk(config.calibration_chunk)
     check_params(params)
-    traced = stages.trace_model(apply_fn, params, first_chunk)
+    traced = clock.run("trace", stages.trace_model, apply_fn, params, first_chunk)
     state = stages.initial_state(traced, config)
     plan = traced.plan
     progress(
@@ -81,15 +84,29 @@ def transform(
         f"{len(plan.groups)} norm groups ({sum(g.foldable for g in plan.groups)} foldable)"
     )
     chunks = itertools.chain([first_chunk], stream.chunks(config.calibration_chunk))
-    state = stages.calibrate(traced, state, chunks, config, progress, stream.total)
-    state = stages.learn_clipping(traced, state, config, progress)
-    state = stages.fold_norms(traced, state, config, progress)
-    state = stages.refit_folded_weights(traced, state, config)
-    state = stages.round_weights(traced, state, config, progress)
-    state = stages.reconstruct(traced, state, config, progress)
-    report = stages.report(traced, state, config)
+    state = clock.run("calibrate", stages.calibrate, traced, state, chunks, config, progress, stream.total)
+    state = clock.run("learn_clipping", stages.learn_clipping, traced, state, config, progress)
+    state = clock.run("fold_norms", stages.fold_norms, traced, state, config, progress)
+    state = clock.run("refit_folded_weights", stages.refit_folded_weights, traced, state, config)
+    state = clock.run("round_weights", stages.round_weights, traced, state, config, progress)
+    state = clock.run("reconstruct", stages.reconstruct, traced, state, config, progress)
+    report = clock.run("report", stages.report, traced, state, config)
+    report = dataclasses.replace(report, stage_seconds=clock.seconds)
     progress("done")
     progress(report.summary())
     qparams = state.qparams(traced)
     qparams = qparams.replace(params=placed_like(qparams.params, params))
     return qparams, QApply(apply_fn, traced.params_treedef, report)
+
+
+class _StageClock:
+    """Runs stages and keeps the wall time of each, for `TransformReport.stage_seconds`."""
+
+    def __init__(self):
+        self.seconds: tuple[tuple[str, float], ...] = ()
+
+    def run(self, name: str, stage: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        out = stage(*args)
+        self.seconds += ((name, time.perf_counter() - start),)
+        return out
