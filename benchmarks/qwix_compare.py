@@ -1,4 +1,8 @@
-"""W8A8 on the shipped Fashion-MNIST ViT: float vs qwix vs repquant-jax, accuracy and speed in one run.
+"""W8A8 on the shipped Fashion-MNIST ViT (or ViT-S/16): float vs qwix vs repquant-jax, accuracy and speed in one run.
+
+``--model vit_s16`` runs the same rows on a random-init ViT-S/16 (224 x 224 inputs, 197
+tokens) with random normal images, batch 8: the speed at a size where matmuls dominate;
+its accuracy column is the top-1 agreement with the float model.
 
 Every row uses the SAME model (``experiments/checkpoints/vit_fashion_mnist``, loaded by
 ``experiments/common.load_vit``) and the SAME calibration data (``--samples`` training images,
@@ -103,8 +107,19 @@ def mode_counts(modes: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timing rounds (each times every candidate once)")
-    parser.add_argument("--batch", type=int, default=256, help="images per timed call and per evaluation call")
-    parser.add_argument("--eval-images", type=int, default=0, help="first N test images (0: all 10,000)")
+    parser.add_argument(
+        "--model",
+        choices=["fashion_vit", "vit_s16"],
+        default="fashion_vit",
+        help="the shipped Fashion-MNIST ViT, or a random-init ViT-S/16 (224 x 224, 197 tokens) on random "
+        "images, whose accuracy column is the top-1 agreement with the float model",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="images per timed call and per evaluation call (256; ViT-S: 8)"
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=0, help="first N test images (0: all 10,000; ViT-S: 64 random images)"
+    )
     parser.add_argument("--samples", type=int, default=32, help="calibration images")
     parser.add_argument("--seed", type=int, default=0, help="calibration draw seed")
     parser.add_argument(
@@ -117,7 +132,9 @@ def main() -> None:
 
     dev = jax.devices()[0]
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print(f"# W{BITS}A{BITS}: float vs qwix vs repquant-jax on the Fashion-MNIST ViT")
+    print(
+        f"# W{BITS}A{BITS}: float vs qwix vs repquant-jax on {'the Fashion-MNIST ViT' if args.model == 'fashion_vit' else 'ViT-S/16'}"
+    )
     print()
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M')}")
     print(
@@ -129,21 +146,42 @@ def main() -> None:
         f"Python {platform.python_version()}"
     )
 
-    apply_fn, variables, info = load_vit()
-    module = vit.VisionTransformer(vit.get_config(info["config"]))
-    images, labels = fashion_mnist_test()
-    if args.eval_images:
-        images, labels = images[: args.eval_images], labels[: args.eval_images]
-    calib = calibration_draw(args.samples, args.seed)  # one batch of `samples` training images
+    if args.model == "fashion_vit":
+        args.batch = args.batch or 256
+        apply_fn, variables, info = load_vit()
+        module = vit.VisionTransformer(vit.get_config(info["config"]))
+        images, labels = fashion_mnist_test()
+        if args.eval_images:
+            images, labels = images[: args.eval_images], labels[: args.eval_images]
+        calib = calibration_draw(args.samples, args.seed)  # one batch of `samples` training images
+        model_line = (
+            f"- model: `{info['config']}`; calibration: {args.samples} training images "
+            f"(`calibration_draw({args.samples}, {args.seed})`), the same for every row; "
+            f"top-1 on {len(images):,} test images"
+            + (" (the full test set)" if len(images) == 10000 else f" (the first {len(images):,} of 10,000)")
+        )
+    else:
+        args.batch = args.batch or 8
+        module = vit.VisionTransformer(vit.get_config("vit_s16"))
+        rng = np.random.default_rng(args.seed)
+        images = rng.standard_normal((args.eval_images or 64, 224, 224, 3), np.float32)
+        calib = [rng.standard_normal((args.samples, 224, 224, 3), np.float32)]  # one batch
+        variables = module.init(jax.random.key(0), jnp.asarray(images[:1]))
+        apply_fn = lambda p, x: module.apply(p, x)  # noqa: E731
+        labels = np.concatenate(
+            [
+                np.asarray(jax.jit(apply_fn)(variables, images[i : i + args.batch])).argmax(-1)
+                for i in range(0, len(images), args.batch)
+            ]
+        )  # the float model's classes: "top-1" is agreement with float
+        model_line = (
+            f"- model: random-init ViT-S/16 (dim 384, 12 blocks, 197 tokens, 1000 classes); calibration: "
+            f"{args.samples} random normal images, the same for every row; top-1 column: agreement (%) with the "
+            f"float model's class on {len(images)} other random images"
+        )
     calib_batches = [(b,) for b in calib]
     x_time = jax.device_put(jnp.asarray(images[: args.batch]))
-    print(
-        f"- model: `{info['config']}`; calibration: {args.samples} training images "
-        f"(`calibration_draw({args.samples}, {args.seed})`), the same for every row; "
-        f"top-1 on {len(images):,} test images"
-        + (" (the full test set)" if len(images) == 10000 else f" (the first {len(images):,} of 10,000)")
-        + f"; timing: batch of {args.batch} images, {args.repeats} interleaved rounds"
-    )
+    print(model_line + f"; timing: batch of {args.batch} images, {args.repeats} interleaved rounds")
     print(flush=True)
 
     # ------------------------------------------------------------------ candidates
