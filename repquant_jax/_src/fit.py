@@ -17,6 +17,7 @@ judged on themselves: they are all there is to see.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,7 +35,6 @@ __all__ = [
     "held_out_folds",
     "judged_held_out",
     "point_samples",
-    "point_values",
     "range_candidates",
     "subsample",
 ]
@@ -43,8 +43,10 @@ __all__ = [
 class Reservoir:
     """A uniform random sample of at most ``cap`` values (or rows) of a stream.
 
-    Bottom-k sampling: every value gets a random key and the ``cap`` smallest keys are
-    kept, which is an exact uniform sample without replacement of everything seen.
+    Bottom-k sampling: every row gets a random key and the rows of the smallest keys
+    (``cap`` values) are kept, which is an exact uniform sample without replacement of
+    everything seen. Rows, not single values, are what it keeps and what the held-out
+    split divides, also for a per-tensor site, whose rule reads them flattened.
     """
 
     def __init__(self, cap: int, rng: np.random.Generator):
@@ -58,27 +60,36 @@ class Reservoir:
         self.seen = 0  # values, not rows
         self.kept: int | None = None  # values in the sample (None: nothing added yet)
 
-    def add(self, values: np.ndarray, samples: np.ndarray | None = None) -> None:
-        """Adds values: a flat array, or ``[rows, C]`` (whole rows are kept), with the
-        sample id of every row (or None)."""
-        row_size = int(np.prod(values.shape[1:]))
-        keep = max(1, self.cap // row_size)
-        keys = self.rng.random(int(values.shape[0]))
-        self.seen += values.size
-        if samples is None:
-            samples = np.full(values.shape[0], -1, np.int64)
-        elif samples.size:
+    def add(self, batches: Sequence[Any]) -> None:
+        """Adds one chunk's values of a site: one array per batch, whose rows (along
+        the last axis) are kept whole, numbered by sample (`point_samples`).
+
+        Only the rows that enter the sample are moved to the host: the keys decide
+        which before any value is read, so at LLM scale a site transfers at most
+        ``cap`` values per chunk, not all it sees.
+        """
+        channels = np.shape(batches[0])[-1] if np.ndim(batches[0]) else 1
+        counts = [int(np.size(v)) // max(channels, 1) for v in batches]
+        rows = sum(counts)
+        keep = max(1, self.cap // max(channels, 1))
+        keys = self.rng.random(rows)
+        samples = point_samples(batches, self.next_sample)
+        self.seen += rows * channels
+        if samples.size:
             self.next_sample = max(self.next_sample, int(samples.max()) + 1)
+        old = 0 if self.data is None else self.data.shape[0]
+        all_keys = keys if self._keys is None else np.concatenate([self._keys, keys])
+        index = np.arange(old + rows) if old + rows <= keep else np.sort(np.argpartition(all_keys, keep - 1)[:keep])
+        new_rows = index[index >= old] - old
+        data = _gather_rows(batches, counts, channels, new_rows)
+        samples = samples[new_rows]
         if self.data is not None:
-            assert self._keys is not None and self.samples is not None
-            values = np.concatenate([self.data, values])
-            keys = np.concatenate([self._keys, keys])
-            samples = np.concatenate([self.samples, samples])
-        if values.shape[0] > keep:
-            index = np.sort(np.argpartition(keys, keep - 1)[:keep])
-            values, keys, samples = values[index], keys[index], samples[index]
-        self.data, self._keys, self.samples = values, keys, samples
-        self.kept = values.size
+            assert self.samples is not None
+            kept_old = index[index < old]
+            data = np.concatenate([self.data[kept_old], data])
+            samples = np.concatenate([self.samples[kept_old], samples])
+        self.data, self._keys, self.samples = data, all_keys[index], samples
+        self.kept = data.size
 
     def bucket(self) -> tuple[np.ndarray, np.ndarray]:
         """The largest power-of-two number of rows of the sample (with their sample
@@ -107,18 +118,23 @@ def subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
     return x[np.sort(rng.choice(x.shape[0], size=rows, replace=False))]
 
 
-def point_values(values: list[Any]) -> np.ndarray:
-    """A site's observed values over a chunk as ``[rows, C]``, ``C`` the last axis.
+def _gather_rows(batches: Sequence[Any], counts: Sequence[int], channels: int, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted, numbered across the batches) of the batches' values as
+    ``[len(rows), channels]`` float32 on the host, gathered where the values are."""
+    parts, offset = [], 0
+    for value, count in zip(batches, counts):
+        local = rows[(rows >= offset) & (rows < offset + count)] - offset
+        offset += count
+        if local.size == count:  # every row: one transfer, no gather
+            parts.append(np.asarray(value, np.float32).reshape(-1, channels))
+        elif local.size:
+            parts.append(np.asarray(jnp.reshape(value, (-1, channels))[local], np.float32))
+    return np.concatenate(parts) if parts else np.zeros((0, channels), np.float32)
 
-    Rows (not single values) are what a `Reservoir` keeps and what the held-out split
-    divides, also for a per-tensor site, whose rule reads them flattened.
-    """
-    channels = np.shape(values[0])[-1] if np.ndim(values[0]) else 1
-    return np.concatenate([np.asarray(v, np.float32).reshape(-1, channels) for v in values])
 
-
-def point_samples(values: list[Any], first: int) -> np.ndarray:
-    """The calibration sample of every row of `point_values`, numbered from ``first``.
+def point_samples(values: Sequence[Any], first: int) -> np.ndarray:
+    """The calibration sample of every row of ``values`` (one array per batch, rows along
+    the last axis, batch after batch), numbered from ``first``.
 
     A value's leading axis is its batch's samples (a value of rank < 2 is one sample).
     """

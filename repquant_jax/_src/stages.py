@@ -30,8 +30,6 @@ from repquant_jax._src.fit import (
     Reservoir,
     calibrate_values,
     calibrate_weight,
-    point_samples,
-    point_values,
     subsample,
 )
 from repquant_jax._src.fold import weight_matrix
@@ -45,7 +43,7 @@ from repquant_jax._src.param_edits import params_with_weights, weight_view
 from repquant_jax._src.report import SiteReport, TransformReport
 from repquant_jax._src.sites import WeightSite, analyze
 from repquant_jax._src.specs import calibration_rows, chosen_granularities, resolve_specs
-from repquant_jax._src.state import ClippingRows, GroupOutcome, QuantState, Traced
+from repquant_jax._src.state import ClippingRows, GroupOutcome, QParams, QuantState, Traced
 
 __all__ = [
     "trace_model",
@@ -120,7 +118,7 @@ class _Calibrator:
 
         def hook(values):
             reservoir = self.reservoirs[name]
-            reservoir.add(point_values(values), point_samples(values, reservoir.next_sample))
+            reservoir.add(values)
             data, samples = (reservoir.data, reservoir.samples) if self.last_chunk else reservoir.bucket()
             try:
                 qp = calibrate_values(data, spec, self.config, axis, samples)
@@ -462,11 +460,12 @@ def _measured(hooks: Hooks, state: QuantState, names: dict[Any, str], errors: di
     return hooks.replace(values={vid: measuring(vid, h) for vid, h in hooks.values.items()})
 
 
-def report(traced: Traced, state: QuantState, config: QuantConfig) -> TransformReport:
+def report(traced: Traced, state: QuantState, config: QuantConfig, qparams: QParams | None = None) -> TransformReport:
     """Every site's settings, what the fold did, and the quantization error of each
-    activation point on the first calibration chunk."""
+    activation point on the first calibration chunk (``qparams``: ``state.qparams(traced)``,
+    when the caller has it: one copy of the params fewer)."""
     graph, plan = traced.graph, traced.plan
-    qparams = state.qparams(traced)
+    qparams = qparams if qparams is not None else state.qparams(traced)
     errors: dict[str, tuple[float, float]] = {}
     names = {p.value_id: p.name for p in plan.points if p.name in qparams.activations}
     hooks = _measured(quant_hooks(graph, plan, qparams), state, names, errors)

@@ -90,11 +90,11 @@ def transform(
     state = clock.run("refit_folded_weights", stages.refit_folded_weights, traced, state, config)
     state = clock.run("round_weights", stages.round_weights, traced, state, config, progress)
     state = clock.run("reconstruct", stages.reconstruct, traced, state, config, progress)
-    report = clock.run("report", stages.report, traced, state, config)
+    qparams = state.qparams(traced)
+    report = clock.run("report", stages.report, traced, state, config, qparams)
     report = dataclasses.replace(report, stage_seconds=clock.seconds)
     progress("done")
     progress(report.summary())
-    qparams = state.qparams(traced)
     qparams = qparams.replace(params=placed_like(qparams.params, params))
     return qparams, QApply(apply_fn, traced.params_treedef, report)
 
@@ -102,7 +102,7 @@ def transform(
 class _StageClock:
     """Runs stages and keeps the wall time of each, for `TransformReport.stage_seconds`."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds: tuple[tuple[str, float], ...] = ()
 
     def run(self, name: str, stage: Callable[..., Any], *args: Any) -> Any:
