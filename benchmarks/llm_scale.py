@@ -29,27 +29,11 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import time
 
-STAGES = (
-    "trace",
-    "calibrate",
-    "learn_clipping",
-    "fold_norms",
-    "refit_folded_weights",
-    "round_weights",
-    "reconstruct",
-    "report",
-)
-
-
-def _maxrss_mb() -> float:
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+from timing import maxrss_mb, median_time
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -96,21 +80,16 @@ def run_one(args: argparse.Namespace) -> None:
         compiles[0] += event == "/jax/core/compile/backend_compile_duration"
 
     jax.monitoring.register_event_duration_secs_listener(listener)
-    before_mb = _maxrss_mb()
+    before_mb = maxrss_mb()
     start = time.perf_counter()
     qparams, qapply = repquant.transform(apply_fn, params, batches, preset, verbose=False)
     jax.block_until_ready(jax.tree_util.tree_leaves(qparams))
     elapsed = time.perf_counter() - start
-    peak_mb = _maxrss_mb()
+    peak_mb = maxrss_mb()
     n_compiles = compiles[0]
 
     float_fn = jax.jit(apply_fn)
-    jax.block_until_ready(float_fn(params, batches[0]))
-    forward = []
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready([float_fn(params, b) for b in batches])
-        forward.append(time.perf_counter() - t)
+    forward_s = median_time(lambda: [float_fn(params, b) for b in batches], repeats=3)
     param_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 2**20
     print(
         json.dumps(
@@ -119,7 +98,7 @@ def run_one(args: argparse.Namespace) -> None:
                 "order": args.order,
                 "depth": args.depth,
                 "transform_s": elapsed,
-                "float_forward_s": statistics.median(forward),
+                "float_forward_s": forward_s,
                 "stages": dict(qapply.report.stage_seconds),
                 "peak_rss_mb": peak_mb,
                 "pre_rss_mb": before_mb,
@@ -156,10 +135,11 @@ def measure(args: argparse.Namespace, preset: str, order: str, depth: int) -> di
 
 
 def table(rows: list[dict]) -> list[str]:
-    """Markdown rows; the last column is the growth per layer of the memory beyond the params."""
+    """Markdown rows; "per layer" is the growth per layer of the memory beyond the params."""
+    stages = list(rows[0]["stages"])  # in pipeline order, as the report keeps them
     header = (
         "| preset | calibration order | layers | params (MB) | transform (s) | / float forward | "
-        + " | ".join(STAGES)
+        + " | ".join(stages)
         + " | RSS added (MB) | added − returned params (MB) | per layer (MB) | compiles |"
     )
     out = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -171,7 +151,7 @@ def table(rows: list[dict]) -> list[str]:
         if previous is not None and previous["preset"] == r["preset"] and previous["order"] == r["order"]:
             prev_beyond = previous["peak_rss_mb"] - previous["pre_rss_mb"] - previous["param_mb"]
             growth = f"{(beyond - prev_beyond) / (r['depth'] - previous['depth']):+.0f}"
-        stage_cells = " | ".join(f"{r['stages'].get(s, 0.0):.1f}" for s in STAGES)
+        stage_cells = " | ".join(f"{r['stages'].get(s, 0.0):.1f}" for s in stages)
         out.append(
             f"| {r['preset']} | {r['order']} | {r['depth']} | {r['param_mb']:.0f} | {r['transform_s']:.1f} "
             f"| {r['transform_s'] / r['float_forward_s']:.1f}x | {stage_cells} | {added:.0f} | {beyond:.0f} "

@@ -1,6 +1,8 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing and memory helpers shared by the benchmarks."""
 
+import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -25,3 +27,9 @@ def interleaved_times(fns: list, repeats: int) -> list[list[float]]:
         for fn, ts in zip(fns, times):
             ts.append(median_time(fn, 1))
     return times
+
+
+def maxrss_mb() -> float:
+    """This process's peak resident set size so far, in MiB."""
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale

@@ -35,16 +35,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
-
-def _maxrss_mb() -> float:
-    # ru_maxrss is in KiB on Linux and bytes on macOS.
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+from timing import maxrss_mb
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -76,7 +71,7 @@ def run_one(args: argparse.Namespace) -> None:
             overrides["reconstruction"] = repquant.Reconstruction(steps=args.recon_steps)
     preset = getattr(repquant.presets, args.preset)(args.bits, args.bits, **overrides)
 
-    before_mb = _maxrss_mb()
+    before_mb = maxrss_mb()
     start = time.perf_counter()
     qparams, _ = repquant.transform(apply_fn, params, [images], preset, verbose=False)
     jax.block_until_ready(jax.tree_util.tree_leaves(qparams))
@@ -88,7 +83,7 @@ def run_one(args: argparse.Namespace) -> None:
                 "depth": args.depth,
                 "samples": args.samples,
                 "transform_s": elapsed,
-                "peak_rss_mb": _maxrss_mb(),
+                "peak_rss_mb": maxrss_mb(),
                 "pre_rss_mb": before_mb,
             }
         ),
