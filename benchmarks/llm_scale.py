@@ -29,11 +29,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-from timing import maxrss_mb, median_time
+from timing import child_result, maxrss_mb, median_time
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -116,14 +115,7 @@ def measure(args: argparse.Namespace, preset: str, order: str, depth: int) -> di
     cmd = [sys.executable, __file__, "--one", "--preset", preset, "--order", order, "--depth", str(depth)]
     for flag in flags:
         cmd += [flag, str(getattr(args, flag[2:]))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            result = json.loads(line)
-            break
-    else:
-        tail = "\n".join(proc.stderr.splitlines()[-20:])
-        raise RuntimeError(f"{preset} {order} depth {depth} failed (rc {proc.returncode}):\n{tail}")
+    result = child_result(cmd, f"{preset} {order} depth {depth}")
     print(
         f"  {preset} {order} depth {depth}: transform {result['transform_s']:.1f} s "
         f"({result['transform_s'] / result['float_forward_s']:.1f}x float), "

@@ -1,7 +1,9 @@
 """Timing and memory helpers shared by the benchmarks."""
 
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -33,3 +35,13 @@ def maxrss_mb() -> float:
     """This process's peak resident set size so far, in MiB."""
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def child_result(cmd: list[str], what: str) -> dict:
+    """Runs a benchmark's child process and returns the last JSON line it printed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = "\n".join(proc.stderr.splitlines()[-20:])
+    raise RuntimeError(f"{what} failed (rc {proc.returncode}):\n{tail}")

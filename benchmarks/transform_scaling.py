@@ -35,11 +35,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-from timing import maxrss_mb
+from timing import child_result, maxrss_mb
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -119,15 +118,8 @@ def measure(args: argparse.Namespace, preset: str, depth: int, samples: int) -> 
     if args.recon_steps is not None:
         cmd += ["--recon-steps", str(args.recon_steps)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    result = child_result(cmd, f"{preset} depth {depth} samples {samples}")
     wall = time.perf_counter() - start
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            result = json.loads(line)
-            break
-    else:
-        tail = "\n".join(proc.stderr.splitlines()[-20:])
-        raise RuntimeError(f"{preset} depth {depth} samples {samples} failed (rc {proc.returncode}):\n{tail}")
     print(
         f"  {preset:9s} depth {depth:3d} samples {samples:4d}: transform {result['transform_s']:7.1f} s, "
         f"peak RSS {result['peak_rss_mb']:6.0f} MB (process {wall:.0f} s)",
