@@ -204,8 +204,13 @@ def setup_minilm(args) -> dict:
             f"per draw, each truncated and padded to {n_tok} tokens (ending in [SEP]). qwix static uses "
             "`static_granularity='per_tensor'` (shorter calibration documents end in padding). The presets "
             "branch-fold the post-LN norms (`unfoldable='branch'`: per-tensor codes equal to the per-channel "
-            "ones on the matmul branch); rows 'unfoldable per_tensor' (the fallback before branch folds) and "
-            "'unfoldable per_channel' (the calibration-time quantizers, no integer path) for comparison."
+            "ones on the matmul branch)"
+            + (
+                "; rows 'unfoldable per_tensor' (the fallback before branch folds) and 'unfoldable per_channel' "
+                "(the calibration-time quantizers, no integer path) for comparison."
+                if args.variants
+                else "."
+            )
         ),
     )
 
