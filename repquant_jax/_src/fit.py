@@ -17,9 +17,11 @@ judged on themselves: they are all there is to see.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -128,8 +130,17 @@ def _gather_rows(batches: Sequence[Any], counts: Sequence[int], channels: int, r
         if local.size == count:  # every row: one transfer, no gather
             parts.append(np.asarray(value, np.float32).reshape(-1, channels))
         elif local.size:
-            parts.append(np.asarray(jnp.reshape(value, (-1, channels))[local], np.float32))
+            # a power-of-two number of indices (the last one repeated), so the gather
+            # compiles once per bucket and value shape, not once per count of kept rows
+            size = min(1 << (local.size - 1).bit_length(), count)
+            padded = np.pad(local, (0, size - local.size), mode="edge")
+            parts.append(np.asarray(_take_rows(value, padded, channels), np.float32)[: local.size])
     return np.concatenate(parts) if parts else np.zeros((0, channels), np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("channels",))
+def _take_rows(value: jax.Array, rows: jax.Array, channels: int) -> jax.Array:
+    return jnp.reshape(value, (-1, channels))[rows]
 
 
 def point_samples(values: Sequence[Any], first: int) -> np.ndarray:
