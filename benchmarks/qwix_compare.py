@@ -20,7 +20,9 @@ Every row uses the SAME model (``experiments/checkpoints/vit_fashion_mnist``, lo
   token position, the mean of per-row absmax; see ``qwix_baseline``'s docstring).
 * ``<preset> qapply``: ``repquant_jax._src.transform(apply_fn, variables, calib,
   presets.<preset>(8, 8))`` and the fake-quant ``qapply(qparams, x)`` (weights are
-  re-quantized on every call; values stay float32). Presets: ``repq_vit`` and ``minmax``.
+  re-quantized on every call; values stay float32). Presets: ``repq_vit`` and ``minmax`` by
+  default (``--presets``); ``repq_vit_log2`` / ``repq_vit_log_sqrt2`` are repq_vit with the
+  softmax quantizer's root k = 1 (pure log2) / 2 (log√2) instead of the 8-bit default 12.
 * ``<preset> qapply frozen``: ``qapply`` on ``repquant.freeze(qapply, qparams, x)``: the weights baked
   onto their grids once (what qwix does with its weights), same outputs.
 * ``<preset> integer``: ``repquant_jax._src.export.export(qparams, qapply, x)`` +
@@ -82,6 +84,12 @@ from repquant_jax._src import export as rqe  # noqa: E402
 from repquant_zoo.models import vit  # noqa: E402
 
 BITS = 8
+#: rows with a preset's softmax quantizer changed: k = 1 is pure log2 (a shift per
+#: probability, one accumulator), k = 2 RepQ-ViT's log√2; the presets' 8-bit default is k = 12
+PRESET_VARIANTS = {
+    "repq_vit_log2": ("repq_vit", {"softmax_log_root": 1}),
+    "repq_vit_log_sqrt2": ("repq_vit", {"softmax_log_root": 2}),
+}
 
 
 def top1_padded(forward: Callable[[jax.Array], jax.Array], images: np.ndarray, labels: np.ndarray, batch: int) -> float:
@@ -123,7 +131,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="calibration images")
     parser.add_argument("--seed", type=int, default=0, help="calibration draw seed")
     parser.add_argument(
-        "--presets", nargs="+", default=["repq_vit", "minmax"], choices=["minmax", "percentile", "repq_vit", "repquant"]
+        "--presets",
+        nargs="+",
+        default=["repq_vit", "minmax"],
+        choices=["minmax", "percentile", "repq_vit", "repquant", *PRESET_VARIANTS],
     )
     args = parser.parse_args()
     t_start = time.perf_counter()
@@ -217,7 +228,8 @@ def main() -> None:
         state: dict = {}
 
         def build_qapply(preset=preset, state=state):
-            config = getattr(repquant.presets, preset)(BITS, BITS)
+            name, overrides = PRESET_VARIANTS.get(preset, (preset, {}))
+            config = getattr(repquant.presets, name)(BITS, BITS, **overrides)
             qparams, qapply = repquant.transform(apply_fn, variables, calib_batches, config, verbose=False)
             state.update(qparams=qparams, qapply=qapply)
             return lambda x: qapply(qparams, x)
