@@ -143,7 +143,8 @@ def calibrate(
     Batches are evaluated side by side a chunk at a time; each activation point keeps a
     bounded sample of its values across chunks and is re-fitted to it after each chunk.
     The chunks go through the whole model one after the other, or all through one block
-    before the next (``config.calibration_order``). Also samples the calibration rows of the per-channel norm points for dual clipping.
+    before the next (``config.calibration_order``). Also samples the calibration rows of
+    the per-channel norm points for dual clipping.
     ``total`` (the number of batches, when known) is for the progress bar only.
     """
     rng = np.random.default_rng(config.seed)
@@ -151,7 +152,8 @@ def calibrate(
     order, chunks = _calibration_order(config, chunks)
     if order == "chunks":
         seen = 0
-        for chunk, calibrator.last_chunk in _with_last(chunks):
+        for chunk, last in _with_last(chunks):
+            calibrator.last_chunk = last
             seen += len(chunk)
             evaluate_batches(
                 traced.graph, state.leaves, [jax.tree_util.tree_leaves(b) for b in chunk], calibrator.hooks
