@@ -179,12 +179,11 @@ def main() -> None:
         calib = [rng.standard_normal((args.samples, 224, 224, 3), np.float32)]  # one batch
         variables = module.init(jax.random.key(0), jnp.asarray(images[:1]))
         apply_fn = lambda p, x: module.apply(p, x)  # noqa: E731
+        classes = jax.jit(lambda x: apply_fn(variables, x).argmax(-1))
+        # the float model's classes: "top-1" is agreement with float
         labels = np.concatenate(
-            [
-                np.asarray(jax.jit(apply_fn)(variables, images[i : i + args.batch])).argmax(-1)
-                for i in range(0, len(images), args.batch)
-            ]
-        )  # the float model's classes: "top-1" is agreement with float
+            [np.asarray(classes(images[i : i + args.batch])) for i in range(0, len(images), args.batch)]
+        )
         model_line = (
             f"- model: random-init ViT-S/16 (dim 384, 12 blocks, 197 tokens, 1000 classes); calibration: "
             f"{args.samples} random normal images, the same for every row; top-1 column: agreement (%) with the "

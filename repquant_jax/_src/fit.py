@@ -81,7 +81,7 @@ class Reservoir:
             self.next_sample = max(self.next_sample, int(samples.max()) + 1)
         old = 0 if self.data is None else self.data.shape[0]
         all_keys = keys if self._keys is None else np.concatenate([self._keys, keys])
-        index = np.arange(old + rows) if old + rows <= keep else np.sort(np.argpartition(all_keys, keep - 1)[:keep])
+        index = _smallest(all_keys, keep)
         new_rows = index[index >= old] - old
         data = _gather_rows(batches, counts, channels, new_rows)
         samples = samples[new_rows]
@@ -105,12 +105,20 @@ class Reservoir:
         size = 1 << (rows.bit_length() - 1)
         if size == rows:
             return self.data, self.samples
-        index = np.sort(np.argpartition(self._keys, size - 1)[:size])
+        index = _smallest(self._keys, size)
         return self.data[index], self.samples[index]
 
     def release(self) -> None:
         """Drops the sample (its site is fitted for good); ``kept`` and ``seen`` stay."""
         self.data = self._keys = self.samples = None
+
+
+def _smallest(keys: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest keys, in index order (all of them if fewer): the
+    bottom-k rule by which a `Reservoir` samples."""
+    if keys.size <= k:
+        return np.arange(keys.size)
+    return np.sort(np.argpartition(keys, k - 1)[:k])
 
 
 def subsample(x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
