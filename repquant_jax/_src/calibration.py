@@ -299,11 +299,14 @@ def _min_max(x2d: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _uniform_mse_table(x2d, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
     """``(P, C)`` MSE of the uniform fake quantizer for ``P`` candidate ``(C,)`` params."""
 
-    def mse(s, z):
+    def mse(sz):
+        s, z = sz
         xhat = quantizers._uniform_forward(x2d, s[:, None], z[:, None], qmin, qmax)
         return jnp.mean(jnp.square(xhat - x2d), axis=-1)
 
-    return jax.vmap(mse)(jnp.asarray(scale), jnp.asarray(zero_point))
+    # One pass over the data per candidate (`lax.map`): XLA's CPU backend fuses each
+    # into a single reduction, where the vmapped (P, C, N) form ran 6x slower.
+    return jax.lax.map(mse, (jnp.asarray(scale), jnp.asarray(zero_point)))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "root"))
@@ -314,7 +317,7 @@ def _log_mse_table(x: jax.Array, scales, bits: int, root: int) -> jax.Array:
         xhat = quantizers._log_root_values(quantizers._log_root_codes(x, s, bits, root), s, bits, root)
         return jnp.mean(jnp.square(xhat - x))
 
-    return jax.vmap(mse)(jnp.asarray(scales))
+    return jax.lax.map(mse, jnp.asarray(scales))  # one fused pass per candidate, as above
 
 
 def _pick(candidates, errors):
