@@ -10,8 +10,8 @@ Per row: the transform's wall time and its ratio to one float forward of the cal
 set (jitted, compiled beforehand, median of 3), the time of each stage
 (`TransformReport.stage_seconds`), the peak RSS the transform added over what the process
 held before it (the model's params, the batches, the JAX runtime) and that minus the bytes
-of the returned params (a new copy, since the user's params are never modified), and the
-number of XLA compilations during the transform.
+of the returned params' new leaves (the leaves the transform changed; the others are the
+user's own arrays, shared), and the number of XLA compilations during the transform.
 
 ``--orders`` compares the calibration orders (``QuantConfig.calibration_order``):
 ``blocks`` (the default for one chunk of batches) drops each block's samples when the
@@ -90,6 +90,9 @@ def run_one(args: argparse.Namespace) -> None:
     float_fn = jax.jit(apply_fn)
     forward_s = median_time(lambda: [float_fn(params, b) for b in batches], repeats=3)
     param_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 2**20
+    # The returned params share the leaves the transform left unchanged with `params`.
+    pairs = zip(jax.tree_util.tree_leaves(qparams.params), jax.tree_util.tree_leaves(params))
+    new_mb = sum(q.nbytes for q, p in pairs if q is not p) / 2**20
     print(
         json.dumps(
             {
@@ -102,6 +105,7 @@ def run_one(args: argparse.Namespace) -> None:
                 "peak_rss_mb": peak_mb,
                 "pre_rss_mb": before_mb,
                 "param_mb": param_mb,
+                "new_param_mb": new_mb,
                 "compiles": n_compiles,
             }
         ),
@@ -132,21 +136,22 @@ def table(rows: list[dict]) -> list[str]:
     header = (
         "| preset | calibration order | layers | params (MB) | transform (s) | / float forward | "
         + " | ".join(stages)
-        + " | RSS added (MB) | added − returned params (MB) | per layer (MB) | compiles |"
+        + " | new leaves (MB) | RSS added (MB) | added − new leaves (MB) | per layer (MB) | compiles |"
     )
     out = [header, "|" + "---|" * (header.count("|") - 1)]
     previous = None
     for r in rows:
         added = r["peak_rss_mb"] - r["pre_rss_mb"]
-        beyond = added - r["param_mb"]
+        beyond = added - r["new_param_mb"]
         growth = "-"
         if previous is not None and previous["preset"] == r["preset"] and previous["order"] == r["order"]:
-            prev_beyond = previous["peak_rss_mb"] - previous["pre_rss_mb"] - previous["param_mb"]
+            prev_beyond = previous["peak_rss_mb"] - previous["pre_rss_mb"] - previous["new_param_mb"]
             growth = f"{(beyond - prev_beyond) / (r['depth'] - previous['depth']):+.0f}"
         stage_cells = " | ".join(f"{r['stages'].get(s, 0.0):.1f}" for s in stages)
         out.append(
             f"| {r['preset']} | {r['order']} | {r['depth']} | {r['param_mb']:.0f} | {r['transform_s']:.1f} "
-            f"| {r['transform_s'] / r['float_forward_s']:.1f}x | {stage_cells} | {added:.0f} | {beyond:.0f} "
+            f"| {r['transform_s'] / r['float_forward_s']:.1f}x | {stage_cells} | {r['new_param_mb']:.0f} "
+            f"| {added:.0f} | {beyond:.0f} "
             f"| {growth} | {r['compiles']} |"
         )
         previous = r

@@ -73,6 +73,20 @@ def test_same_seed_gives_bitwise_identical_qparams_and_inputs_are_untouched():
         np.testing.assert_array_equal(x, y)
 
 
+def test_qparams_share_the_leaves_the_transform_left_unchanged():
+    # Copying only what the folds edit keeps a deep model's untouched leaves out of
+    # the transform's memory; the user's arrays stay as they were.
+    m = zoo.linen_vit_block(batch=4, seq=8)
+    before = [np.array(x) for x in jax.tree_util.tree_leaves(m.params)]
+    qparams, _ = repquant.transform(m.apply_fn, m.params, _calib(m), P.repq_vit(4, 4), verbose=False)
+    users, ours = jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(qparams.params)
+    shared = [q is u for q, u in zip(ours, users)]
+    assert any(shared) and not all(shared)
+    for q, u, b, is_shared in zip(ours, users, before, shared):
+        np.testing.assert_array_equal(u, b)
+        assert is_shared == np.array_equal(q, b)  # a new array only where the values changed
+
+
 @pytest.mark.parametrize("preset", ["minmax", "percentile", "repq_vit", "repquant"])
 def test_qparams_are_bitwise_identical_with_and_without_jit(preset):
     m = zoo.linen_vit_block(batch=4, seq=8)

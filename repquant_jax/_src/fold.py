@@ -31,7 +31,7 @@ import numpy as np
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.sites import FoldGroup, Plan, WeightSite
 
-__all__ = ["FoldResult", "fold_norm_into_dense", "weight_matrix", "weight_from_matrix"]
+__all__ = ["FoldResult", "fold_norm_into_dense", "leaves_written", "weight_matrix", "weight_from_matrix"]
 
 
 def weight_matrix(view, contracting: tuple[int, ...]):
@@ -72,6 +72,15 @@ class FoldResult:
     max_abs_r2: float
 
 
+def leaves_written(plan: Plan, group: FoldGroup, *, branch: bool = False) -> set[int]:
+    """Indices of the parameter leaves `fold_norm_into_dense` edits for ``group``: the
+    norm's scale and bias (unless ``branch``), each consumer's kernel and bias."""
+    written = set() if branch else {group.scale_param_index, group.bias_param_index}
+    for consumer in group.consumers:
+        written |= {plan.weight(consumer.site).param_index, consumer.bias_param_index}
+    return {k for k in written if k is not None}
+
+
 def fold_norm_into_dense(
     leaves: list[np.ndarray],
     plan: Plan,
@@ -89,11 +98,11 @@ def fold_norm_into_dense(
     inside that branch's quantize op. ``(x + s⊙r2) / (r1·s̃) = x/s + r2`` still, so the
     integer codes are the per-channel ones.
 
-    Edits ``leaves`` (flat NumPy copies of the parameter leaves, in flatten order) in
-    place; the caller owns those copies, never the user's arrays.
+    Edits ``leaves`` (the parameter leaves in flatten order) in place: those of
+    `leaves_written` must be the caller's writable NumPy copies, never the user's arrays.
 
     Args:
-      leaves: parameter leaves as NumPy arrays (edited in place).
+      leaves: parameter leaves (those of `leaves_written` writable NumPy, edited in place).
       plan: the analysis plan.
       group: a foldable group of the plan.
       quantizer: its per-channel quantizer (axis -1, uniform or symmetric).

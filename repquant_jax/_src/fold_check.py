@@ -9,16 +9,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from repquant_jax._src import quantizers as qz
 from repquant_jax._src.checks import dtype_tolerance, relative_output_error
 from repquant_jax._src.config import QuantConfig
-from repquant_jax._src.fold import FoldResult, fold_norm_into_dense
+from repquant_jax._src.fold import FoldResult, fold_norm_into_dense, leaves_written
 from repquant_jax._src.graph import Graph
 from repquant_jax._src.hooks import quant_hooks
 from repquant_jax._src.interpret import evaluate_batches
-from repquant_jax._src.param_edits import copy_leaves, leaves_like
+from repquant_jax._src.param_edits import leaves_like, writable_copies
 from repquant_jax._src.sites import FoldGroup, Plan
 from repquant_jax._src.state import QParams
 
@@ -50,7 +49,7 @@ def fold_checked(
     act_qps: Mapping[str, qz.QuantParams],
     batch_leaves: Sequence[Any],
     config: QuantConfig,
-) -> tuple[list[np.ndarray], dict[str, FoldResult], dict[str, float]]:
+) -> tuple[list[Any], dict[str, FoldResult], dict[str, float]]:
     """Folds ``groups`` and checks the folded float model (quantizers off, offsets on)
     against the original on one calibration batch.
 
@@ -59,16 +58,18 @@ def fold_checked(
     patterns the dataflow analysis has not seen.
 
     Returns:
-      ``(leaves, folds, failed)``: folded NumPy leaves, group point -> `FoldResult` of
-      the kept folds, group point -> relative error of the failed ones.
+      ``(leaves, folds, failed)``: the folded leaves as JAX arrays in the leaves'
+      dtypes (the leaves no fold edits are ``param_leaves``' own), group point ->
+      `FoldResult` of the kept folds, group point -> relative error of the failed ones.
     """
     if not groups:
-        return copy_leaves(param_leaves), {}, {}
+        return list(param_leaves), {}, {}
     reference = evaluate_batches(graph, param_leaves, [batch_leaves])[0]
     tolerance = fold_tolerance(graph, config)
 
     def fold(chosen):
-        leaves = copy_leaves(param_leaves)
+        written = set().union(*(leaves_written(plan, g, branch=not g.foldable) for g in chosen))
+        leaves = writable_copies(param_leaves, written)
         folds = {
             g.point: fold_norm_into_dense(
                 leaves, plan, g, act_qps[g.point], exact_zero_point=config.exact_zero_point, branch=not g.foldable
@@ -86,14 +87,14 @@ def fold_checked(
             input_scales=input_scales,
         )
         out = evaluate_batches(graph, folded, [batch_leaves], quant_hooks(graph, plan, qparams, quantize=False))[0]
-        return leaves, folds, relative_output_error(out, reference)
+        return folded, folds, relative_output_error(out, reference)
 
     leaves, folds, error = fold(groups)
     if error <= tolerance:
         return leaves, folds, {}
     kept: list[FoldGroup] = []
     failed: dict[str, float] = {}
-    leaves, folds = copy_leaves(param_leaves), {}  # nothing folded yet
+    leaves, folds = list(param_leaves), {}  # nothing folded yet
     for group in groups:
         trial_leaves, trial_folds, error = fold(kept + [group])
         if error <= tolerance:

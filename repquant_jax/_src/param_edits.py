@@ -1,6 +1,8 @@
 """Reading and replacing the weights of weight sites in a parameter pytree.
 
-The user's params are never modified: every edit works on copies of the leaves.
+The user's params are never modified: an edit copies the leaves it writes and keeps
+the others as they are (JAX arrays are immutable, so the result may share them with
+the user's params; a NumPy leaf is shared read-only, so a stray write fails loudly).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 from repquant_jax._src.sites import WeightSite
 
-__all__ = ["weight_view", "params_with_weights", "placed_like", "copy_leaves", "leaves_like"]
+__all__ = ["weight_view", "params_with_weights", "placed_like", "writable_copies", "leaves_like"]
 
 
 def weight_view(leaves: Sequence[Any], w: WeightSite) -> np.ndarray:
@@ -23,9 +25,25 @@ def weight_view(leaves: Sequence[Any], w: WeightSite) -> np.ndarray:
     return np.asarray(leaves[w.param_index]).reshape(-1)[w.kernel_index]
 
 
-def copy_leaves(leaves: Sequence[Any]) -> list[np.ndarray]:
-    """Writable NumPy copies of parameter leaves."""
-    return [np.array(leaf, copy=True) for leaf in leaves]
+def writable_copies(leaves: Sequence[Any], written: Iterable[int]) -> list[Any]:
+    """``leaves`` with those at the indices ``written`` as writable NumPy copies, and the
+    others unchanged (a NumPy leaf as a read-only view).
+
+    Copying only what an edit writes keeps a model's untouched leaves (its embedding,
+    most of a deep model's kernels for some edits) out of the transform's memory.
+    """
+    written = set(written)
+    out = []
+    for k, leaf in enumerate(leaves):
+        if k in written:
+            out.append(np.array(leaf, copy=True))
+        elif isinstance(leaf, np.ndarray):
+            view = leaf.view()
+            view.flags.writeable = False
+            out.append(view)
+        else:
+            out.append(leaf)
+    return out
 
 
 def leaves_like(leaves: Sequence[Any], originals: Sequence[Any]) -> list[jax.Array]:
@@ -37,7 +55,8 @@ def params_with_weights(params: Any, views: Iterable[tuple[WeightSite, Any]]) ->
     """A copy of ``params`` with each weight site's kernel replaced by ``view`` (the
     weight as its matmul reads it), the leaves keeping their dtypes."""
     originals = jax.tree_util.tree_leaves(params)
-    leaves = copy_leaves(originals)
+    views = list(views)
+    leaves = writable_copies(originals, (w.param_index for w, _ in views))
     for w, view in views:
         assert w.kernel_index is not None, f"{w.name}: a derived weight has no leaf elements"
         leaves[w.param_index].reshape(-1)[w.kernel_index.reshape(-1)] = np.asarray(view).reshape(-1)

@@ -50,7 +50,10 @@ def transform(
 
     Returns:
       ``(qparams, qapply)``: `QParams` and the jit-compiled fake-quant apply function,
-      whose ``report`` attribute describes every site.
+      whose ``report`` attribute describes every site. ``qparams.params`` holds new
+      arrays for the leaves the transform changed and shares the others with
+      ``params`` (JAX arrays are immutable; NumPy leaves are copied), so do not donate
+      ``params``' buffers to a jitted function while ``qparams`` is in use.
 
     Raises:
       ValueError: bad config, empty or non-finite calibration data, batches of
