@@ -289,7 +289,9 @@ def fold_consumer(ctx: AnalysisContext, site: WeightSite, node: Node, cid: np.nd
     kidx = np.moveaxis(site.kernel_index, w_contract, range(len(w_contract)))
     kidx = kidx.reshape(len(channel_of_k), -1)
     leaf_size = int(np.prod(ctx.g.avals[ctx.g.param_ids[site.param_index]].shape))
-    row_channel = np.full(leaf_size, -1, dtype=np.int64)
+    # One entry per kernel element: the narrowest type that holds the channel ids (int16
+    # for up to 32767 channels), since these maps outweigh the float32 kernels they index.
+    row_channel = np.full(leaf_size, -1, dtype=np.int16 if channel_of_k.max() < 2**15 else np.int32)
     for k, c in enumerate(channel_of_k):
         already = row_channel[kidx[k]]
         if ((already != -1) & (already != c)).any():
